@@ -17,10 +17,6 @@ log = logging.getLogger("kapman")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
 
-class LockHeld(RuntimeError):
-    """Another run holds the lock; nothing was written."""
-
-
 def _iso_date(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -283,7 +279,7 @@ def dispatch(command: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except dbmod.DatabaseError as exc:
         log.error("%s", exc)
         return EXIT_FAILED
-    except LockHeld as exc:
+    except dbmod.LockHeld as exc:
         log.error("%s", exc)
         return EXIT_LOCKED
     except KeyboardInterrupt:

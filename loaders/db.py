@@ -27,6 +27,10 @@ class DatabaseError(RuntimeError):
     """The database cannot be reached or used; the message names it without its password."""
 
 
+class LockHeld(RuntimeError):
+    """Another run holds the lock; nothing was written (exit 3)."""
+
+
 @dataclass(frozen=True)
 class Database:
     """Where the data lives, in the forms each client wants (libpq, dlt, dbt)."""
