@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint unit demo bench clean
+.PHONY: install test lint unit browser demo bench clean
 
 # Idempotent and fast when pyproject.toml has not changed since the last install.
 install: $(STAMP)
@@ -19,7 +19,19 @@ lint: install
 	$(BIN)/sqlfluff lint dbt_project macros
 	$(BIN)/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/ci.yml
 
-unit: install
+# Debian's chromium for the report's browser test; installed when missing and we may (root or sudo).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  elif command -v apt-get >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "note: chromium is missing and cannot be installed here (needs root or sudo and apt-get):" \
+	         "the report's browser test will be skipped"; \
+	  fi; }
+
+unit: install browser
 	$(BIN)/pytest -q
 
 test: lint unit
