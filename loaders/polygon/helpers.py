@@ -1,0 +1,543 @@
+"""HTTP, paging, retries and normalisation of Polygon option-chain snapshots into Arrow pages."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import pyarrow as pa
+import requests
+from dlt.common.configuration.specs import RuntimeConfiguration
+from dlt.common.json import json as _dlt_json
+from dlt.sources.helpers.requests.retry import retry_if_status, wait_exponential_retry_after
+from dlt.sources.helpers.requests.session import Session
+from dlt.sources.helpers.rest_client import RESTClient
+from dlt.sources.helpers.rest_client.auth import APIKeyAuth
+from dlt.sources.helpers.rest_client.paginators import JSONLinkPaginator
+from requests.adapters import HTTPAdapter
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_any,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+from tenacity.stop import stop_base
+
+from . import settings
+
+log = logging.getLogger(__name__)
+loadb = _dlt_json.loadb  # orjson when available: a page is ~200 kB of JSON
+
+_RETRY_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+class ProviderError(RuntimeError):
+    """The provider refuses or cannot serve anyone (401/403, unreachable): the whole run stops."""
+
+
+class SymbolFetchError(RuntimeError):
+    """One symbol's chain could not be fetched or read; the other symbols go on."""
+
+
+# --- Arrow schema and normalisation -----------------------------------------------------------
+
+ARROW_SCHEMA = pa.schema([
+    pa.field("time", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("ticker_id", pa.string(), nullable=False),
+    pa.field("contract_ticker", pa.string(), nullable=False),
+    pa.field("expiration_date", pa.date32(), nullable=False),
+    pa.field("strike_price", pa.float64(), nullable=False),
+    pa.field("option_type", pa.string(), nullable=False),
+    pa.field("implied_volatility", pa.float64()),
+    pa.field("delta", pa.float64()),
+    pa.field("gamma", pa.float64()),
+    pa.field("theta", pa.float64()),
+    pa.field("vega", pa.float64()),
+    pa.field("open_interest", pa.int64()),
+    pa.field("volume", pa.int64()),
+    pa.field("bid", pa.float64()),
+    pa.field("ask", pa.float64()),
+    pa.field("last", pa.float64()),
+    pa.field("underlying_price", pa.float64()),
+    pa.field("underlying_symbol", pa.string()),
+    pa.field("exercise_style", pa.string()),
+    pa.field("shares_per_contract", pa.int64()),
+    pa.field("break_even_price", pa.float64()),
+    pa.field("fmv", pa.float64()),
+    pa.field("quote_updated_at", pa.timestamp("us", tz="UTC")),
+    pa.field("trade_at", pa.timestamp("us", tz="UTC")),
+    pa.field("day_updated_at", pa.timestamp("us", tz="UTC")),
+])
+_VALUE_COLUMNS = [f.name for f in ARROW_SCHEMA][2:]  # time and ticker_id are constant per symbol
+_CONTRACT_TYPES = {"call": "C", "put": "P"}
+
+
+class _Reject(ValueError):
+    """A contract that cannot be stored; the message is the reason counted for its symbol."""
+
+
+_EMPTY: dict[str, Any] = {}
+
+
+def _obj(contract: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = contract.get(key)
+    if type(value) is dict:
+        return value
+    if value is None:
+        return _EMPTY
+    if not isinstance(value, Mapping):
+        raise _Reject(f"unparseable {key}")
+    return value
+
+
+def _number(value: Any, name: str) -> float | None:
+    kind = type(value)  # fast paths first: this runs ~15 times per contract
+    if kind is float:
+        if value - value == 0.0:  # finite (inf - inf and nan - nan are nan)
+            return value
+        raise _Reject(f"unparseable {name}")
+    if kind is int:
+        return float(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _Reject(f"unparseable {name}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise _Reject(f"unparseable {name}") from None
+    if not math.isfinite(number):
+        raise _Reject(f"unparseable {name}")
+    return number
+
+
+def _integer(value: Any, name: str) -> int | None:
+    number = _number(value, name)
+    if number is None:
+        return None
+    if not number.is_integer():
+        raise _Reject(f"unparseable {name}")
+    return int(number)
+
+
+def _nanos_to_micros(value: Any, name: str) -> int | None:
+    """Polygon timestamps are Unix nanoseconds; PostgreSQL keeps microseconds."""
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise _Reject(f"unparseable {name}")
+    return value // 1000
+
+
+def _text(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if type(value) is not str:
+        raise _Reject(f"unparseable {name}")
+    return value.strip() or None
+
+
+def _contract_row(contract: Any, expirations: dict[str, date]) -> tuple[Any, ...]:
+    """One contract as a tuple in _VALUE_COLUMNS order, or _Reject."""
+    if not isinstance(contract, Mapping):
+        raise _Reject("not an object")
+    details = _obj(contract, "details")
+    ticker = _text(details.get("ticker"), "ticker")
+    if ticker is None:
+        raise _Reject("missing ticker")
+    raw_expiration = details.get("expiration_date")
+    if raw_expiration is None:
+        raise _Reject("missing expiration_date")
+    expiration = expirations.get(raw_expiration) if isinstance(raw_expiration, str) else None
+    if expiration is None:
+        try:
+            expiration = expirations[raw_expiration] = date.fromisoformat(raw_expiration)
+        except (TypeError, ValueError):
+            raise _Reject("unparseable expiration_date") from None
+    strike = _number(details.get("strike_price"), "strike_price")
+    if strike is None:
+        raise _Reject("missing strike_price")
+    if strike <= 0:
+        raise _Reject("unparseable strike_price")
+    raw_type = details.get("contract_type")
+    option_type = _CONTRACT_TYPES.get(raw_type.lower()) if isinstance(raw_type, str) else None
+    if option_type is None:
+        raise _Reject("missing contract_type" if raw_type is None else "unknown contract_type")
+
+    greeks, day = _obj(contract, "greeks"), _obj(contract, "day")
+    quote_, trade = _obj(contract, "last_quote"), _obj(contract, "last_trade")
+    underlying = _obj(contract, "underlying_asset")
+    # Index underlyings (I:SPX) report `value` instead of `price`.
+    underlying_price = underlying.get("price")
+    if underlying_price is None:
+        underlying_price = underlying.get("value")
+    return (
+        ticker, expiration, strike, option_type,
+        _number(contract.get("implied_volatility"), "implied_volatility"),
+        _number(greeks.get("delta"), "delta"),
+        _number(greeks.get("gamma"), "gamma"),
+        _number(greeks.get("theta"), "theta"),
+        _number(greeks.get("vega"), "vega"),
+        _integer(contract.get("open_interest"), "open_interest"),
+        _integer(day.get("volume"), "volume"),
+        _number(quote_.get("bid"), "bid"),
+        _number(quote_.get("ask"), "ask"),
+        _number(trade.get("price"), "last"),
+        _number(underlying_price, "underlying_price"),
+        _text(underlying.get("ticker"), "underlying_asset.ticker"),
+        _text(details.get("exercise_style"), "exercise_style"),
+        _integer(details.get("shares_per_contract"), "shares_per_contract"),
+        _number(contract.get("break_even_price"), "break_even_price"),
+        _number(contract.get("fmv"), "fmv"),
+        _nanos_to_micros(quote_.get("last_updated"), "last_quote.last_updated"),
+        _nanos_to_micros(trade.get("sip_timestamp"), "last_trade.sip_timestamp"),
+        _nanos_to_micros(day.get("last_updated"), "day.last_updated"),
+    )
+
+
+def normalise_page(
+    results: Sequence[Any], ticker_id: str, snapshot_time: datetime
+) -> tuple[pa.Table, Counter[str]]:
+    """Turn one page of snapshot results into an Arrow table of options_chains rows.
+
+    Args:
+        results: the page's `results` (Polygon contract objects).
+        ticker_id: the underlying's `tickers.id`.
+        snapshot_time: the snapshot identity stored in `time`.
+
+    Returns:
+        The valid contracts as a table with ARROW_SCHEMA, and the rejected ones counted by reason.
+    """
+    rows: list[tuple[Any, ...]] = []
+    rejected: Counter[str] = Counter()
+    expirations: dict[str, date] = {}
+    for contract in results:
+        try:
+            rows.append(_contract_row(contract, expirations))
+        except _Reject as reason:
+            rejected[str(reason)] += 1
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in _VALUE_COLUMNS]
+    stamp = snapshot_time.astimezone(UTC)
+    arrays = [
+        pa.array([stamp] * len(rows), ARROW_SCHEMA.field("time").type),
+        pa.array([ticker_id] * len(rows), pa.string()),
+    ] + [pa.array(values, ARROW_SCHEMA.field(name).type) for name, values in zip(_VALUE_COLUMNS, columns, strict=True)]
+    return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA), rejected
+
+
+def dedupe_pages(tables: Sequence[pa.Table], already: set[str] | None = None) -> tuple[list[pa.Table], int]:
+    """Keep one row per contract ticker: a later page (or later row) wins over an earlier one.
+
+    Args:
+        tables: a symbol's pages in fetch order.
+        already: contract tickers another symbol already emitted in this load; dropped here
+            (a MERGE may not touch a row twice). Updated with this symbol's tickers.
+
+    Returns:
+        The filtered pages (empty ones dropped) and the number of rows dropped.
+    """
+    last: dict[str, tuple[int, int]] = {}
+    tickers = [t.column("contract_ticker").to_pylist() for t in tables]
+    for p, page in enumerate(tickers):
+        for i, ticker in enumerate(page):
+            last[ticker] = (p, i)
+    taken = already if already is not None else set()
+    out: list[pa.Table] = []
+    dropped = 0
+    for p, (table, page) in enumerate(zip(tables, tickers, strict=True)):
+        mask = [last[t] == (p, i) and t not in taken for i, t in enumerate(page)]
+        keep = sum(mask)
+        dropped += len(page) - keep
+        if keep:
+            out.append(table if keep == len(page) else table.filter(pa.array(mask)))
+    taken.update(last)
+    return out, dropped
+
+
+# --- HTTP: origin pinning, retries, paging ------------------------------------------------------
+
+def sanitize(text: str, api_key: str | None) -> str:
+    """One line without the key, whatever library produced the text."""
+    if api_key:
+        text = text.replace(api_key, "***")
+    text = re.sub(r"(?i)(apikey=)[^&\s'\"]+", r"\1***", text)
+    return " ".join(text.split())[:400]
+
+
+def pin_next_url(next_url: str, base_url: str) -> str:
+    """The URL to follow for a `next_url`, always on the configured origin.
+
+    A next_url on another origin (Polygon answers with api.polygon.io even when reached through
+    another host) is rewritten onto the configured origin if it stays on the snapshot endpoint,
+    and refused otherwise: the key is only ever sent to the configured origin. Any `apiKey` in the
+    next_url is dropped (auth adds ours).
+
+    Raises:
+        SymbolFetchError: the next_url leaves the snapshot endpoint or is not http(s).
+    """
+    base = urlsplit(base_url)
+    parts = urlsplit(next_url)
+    if parts.scheme not in ("http", "https", ""):
+        raise SymbolFetchError(f"refused next_url with scheme {parts.scheme!r}")
+    base_path = base.path.rstrip("/")
+    path = parts.path
+    if base_path and path.startswith(base_path + "/"):
+        path = path[len(base_path):]
+    if not path.startswith(settings.SNAPSHOT_PATH_PREFIX):
+        raise SymbolFetchError(f"refused next_url outside the snapshot endpoint: {parts.netloc}{parts.path}")
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                       if k.lower() != settings.API_KEY_PARAM.lower()])
+    if parts.netloc and (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
+        log.debug("next_url on %s://%s rewritten onto the configured origin %s://%s",
+                  parts.scheme, parts.netloc, base.scheme, base.netloc)
+    return urlunsplit((base.scheme, base.netloc, base_path + path, query, ""))
+
+
+class PinnedLinkPaginator(JSONLinkPaginator):
+    """Follows `next_url` until it is absent, only ever on the configured origin, never in a loop."""
+
+    def __init__(self, base_url: str, max_pages: int = 20_000) -> None:
+        super().__init__(next_url_path="next_url")
+        self.base_url = base_url
+        self.max_pages = max_pages
+        self._followed: set[str] = set()
+
+    def update_state(self, response: requests.Response, data: list[Any] | None = None) -> None:
+        super().update_state(response, data)
+        if not self._next_reference:
+            self._next_reference = None  # "" or null end the chain like an absent next_url
+
+    def update_request(self, request: requests.Request) -> None:
+        if self._next_reference:
+            url = pin_next_url(self._next_reference, self.base_url)
+            if url in self._followed or len(self._followed) >= self.max_pages:
+                raise SymbolFetchError("next_url repeats itself: pagination does not end")
+            self._followed.add(url)
+            self._next_reference = url
+        super().update_request(request)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: per request and per symbol."""
+
+    max_attempts: int = settings.MAX_ATTEMPTS
+    budget_per_symbol: int = settings.RETRY_BUDGET_PER_SYMBOL
+    backoff_factor: float = settings.BACKOFF_FACTOR
+    max_delay: float = settings.MAX_RETRY_DELAY
+    connect_timeout: float = settings.CONNECT_TIMEOUT
+    read_timeout: float = settings.READ_TIMEOUT
+
+
+class _Budget(stop_base):
+    """Stops retrying once a symbol has used its retries (shared by all of its requests)."""
+
+    def __init__(self, retries: int) -> None:
+        self.left = retries
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.left <= 0
+
+
+def _describe(outcome_exc: BaseException | None) -> str:
+    if isinstance(outcome_exc, requests.HTTPError) and outcome_exc.response is not None:
+        return f"HTTP {outcome_exc.response.status_code}"
+    return type(outcome_exc).__name__ if outcome_exc else "error"
+
+
+def _session(symbol: str, policy: RetryPolicy, adapter: HTTPAdapter) -> Session:
+    """A session whose `send` retries 429/5xx/timeouts/connection errors with backoff (honouring
+    Retry-After, capped by max_delay), at most max_attempts per request and budget_per_symbol in all."""
+    session = Session(timeout=(policy.connect_timeout, policy.read_timeout), raise_for_status=False)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    budget = _Budget(policy.budget_per_symbol)
+
+    def before_sleep(state: RetryCallState) -> None:
+        budget.left -= 1
+        wait = state.next_action.sleep if state.next_action else 0.0
+        log.info("%s: %s, retry %d of at most %d in %.1fs", symbol,
+                 _describe(state.outcome.exception() if state.outcome else None),
+                 state.attempt_number, policy.max_attempts - 1, wait)
+
+    retrying = Retrying(
+        retry=retry_any(retry_if_status(settings.RETRY_STATUS_CODES), retry_if_exception_type(_RETRY_EXCEPTIONS)),
+        wait=wait_exponential_retry_after(multiplier=policy.backoff_factor, max=policy.max_delay),
+        stop=stop_after_attempt(policy.max_attempts) | budget,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    session.send = retrying.wraps(session.send)  # type: ignore[method-assign]
+    return session
+
+
+def _unreachable(exc: requests.ConnectionError) -> bool:
+    """No connection could be made at all (refused, DNS, connect timeout), as opposed to a
+    connection that broke mid-response."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    import urllib3.exceptions
+
+    return isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError)
+
+
+def _read_response(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+    """Response hook: raise on HTTP errors (the retry wrapper decides about 429/5xx), parse the
+    JSON once (dlt's extractor and paginator both ask for it) and check its shape."""
+    if response.status_code >= 400:
+        raise requests.HTTPError(f"HTTP {response.status_code}", response=response)
+    try:
+        body = loadb(response.content)
+    except ValueError:
+        raise SymbolFetchError(f"unreadable response: not JSON ({response.headers.get('Content-Type')})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("results", []) or [], list):
+        raise SymbolFetchError("unreadable response: no list of results")
+    response.json = lambda **_: body  # type: ignore[method-assign]
+
+
+def _provider_message(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return (response.reason or "").strip()
+    if isinstance(body, Mapping):
+        return str(body.get("error") or body.get("message") or body.get("status") or "")
+    return ""
+
+
+@dataclass
+class ChainResult:
+    """One symbol's fetch: its deduplicated Arrow pages and what happened."""
+
+    symbol: str
+    ticker_id: str
+    tables: list[pa.Table] = field(default_factory=list)
+    pages: int = 0
+    contracts: int = 0
+    rejected: int = 0
+    reject_reasons: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0  # rows another symbol of the same load already had
+    contract_tickers: list[str] = field(default_factory=list)  # every valid contract seen
+    error: str | None = None
+    fatal: bool = False  # the provider failed for everyone (the run stops)
+    attempted: bool = True
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+
+class ChainClient:
+    """Fetches whole option chains from one configured origin with one key; thread-safe."""
+
+    def __init__(self, base_url: str, api_key: str, policy: RetryPolicy | None = None,
+                 extra_params: Mapping[str, str] | None = None, pool_size: int = 32) -> None:
+        self.base_url = base_url.rstrip("/") + "/"
+        self.origin = "{0.scheme}://{0.netloc}".format(urlsplit(base_url))
+        self.policy = policy or RetryPolicy()
+        self.extra_params = dict(extra_params or {})
+        self._auth = APIKeyAuth(name=settings.API_KEY_PARAM, api_key=api_key, location="query")
+        self._api_key = api_key
+        self._adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
+        self._config = RuntimeConfiguration()
+
+    def fetch(self, symbol: str, ticker_id: str, snapshot_time: datetime) -> ChainResult:
+        """Fetch every page of the symbol's chain and normalise it.
+
+        Returns:
+            A ChainResult; `error` set if the symbol failed (after retries, or bad data).
+
+        Raises:
+            ProviderError: 401/403 or the provider cannot be reached: no symbol can succeed.
+        """
+        started = time.monotonic()
+        result = ChainResult(symbol=symbol, ticker_id=ticker_id)
+        client = RESTClient(
+            base_url=self.base_url, auth=self._auth, paginator=PinnedLinkPaginator(self.base_url),
+            data_selector="results", session=_session(symbol, self.policy, self._adapter), config=self._config,
+        )
+        path = settings.SNAPSHOT_PATH.format(underlying=quote(symbol, safe=""))
+        params = {"limit": settings.PAGE_LIMIT, **self.extra_params}
+        tables: list[pa.Table] = []
+        try:
+            for page in client.paginate(path, params=params, hooks={"response": [_read_response]}):
+                result.pages += 1
+                table, rejected = normalise_page(page, ticker_id, snapshot_time)
+                tables.append(table)
+                result.reject_reasons.update(rejected)
+        except requests.HTTPError as exc:
+            response = exc.response
+            status = response.status_code if response is not None else 0
+            message = sanitize(_provider_message(response), self._api_key) if response is not None else ""
+            if status in (401, 403):
+                raise ProviderError(
+                    f"{self.origin} answered HTTP {status} ({message or 'unauthorised'}): "
+                    "check POLYGON_API_KEY and the plan's entitlements") from None
+            retried = " after retries" if status in settings.RETRY_STATUS_CODES else ""
+            result.error = f"HTTP {status}{retried}" + (f": {message}" if message else "")
+        except requests.ConnectionError as exc:
+            if _unreachable(exc):
+                raise ProviderError(f"{self.origin} is unreachable: {sanitize(str(exc), self._api_key)}") from None
+            result.error = f"connection broken after retries: {sanitize(str(exc), self._api_key)}"
+        except requests.Timeout as exc:
+            result.error = f"timed out after retries: {sanitize(str(exc), self._api_key)}"
+        except (requests.RequestException, ValueError) as exc:  # JSON errors are ValueErrors
+            result.error = f"unreadable response: {sanitize(str(exc), self._api_key)}"
+        except SymbolFetchError as exc:
+            result.error = sanitize(str(exc), self._api_key)
+        result.elapsed = time.monotonic() - started
+        if result.ok:
+            result.tables, _ = dedupe_pages(tables)
+            result.rejected = sum(result.reject_reasons.values())
+            result.contract_tickers = [t for table in result.tables for t in table.column("contract_ticker").to_pylist()]
+            result.contracts = len(result.contract_tickers)
+        return result
+
+
+def iter_results(client: ChainClient, symbols: Mapping[str, str], snapshot_time: datetime,
+                 concurrency: int) -> Iterator[ChainResult]:
+    """Fetch symbols in parallel threads and yield each result as it completes.
+
+    On a ProviderError the symbols not yet started are not fetched: they and the failing one are
+    yielded with `fatal` set, and nothing else is started.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    stop = threading.Event()
+    fatal: list[str] = []
+
+    def work(symbol: str, ticker_id: str) -> ChainResult:
+        if stop.is_set():
+            return ChainResult(symbol, ticker_id, error=f"not fetched: {fatal[0]}", fatal=True, attempted=False)
+        try:
+            return client.fetch(symbol, ticker_id, snapshot_time)
+        except ProviderError as exc:
+            fatal.append(str(exc))
+            stop.set()
+            return ChainResult(symbol, ticker_id, error=str(exc), fatal=True)
+        except Exception as exc:  # a bug or an unexpected library error: this symbol only
+            log.debug("%s: unexpected error", symbol, exc_info=True)
+            return ChainResult(symbol, ticker_id, error=sanitize(f"{type(exc).__name__}: {exc}", client._api_key))
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="polygon") as pool:
+        futures = [pool.submit(work, symbol, ticker_id) for symbol, ticker_id in symbols.items()]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            stop.set()  # the consumer went away: start nothing new
+            if not fatal:
+                fatal.append("the run stopped")

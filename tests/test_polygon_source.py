@@ -1,0 +1,256 @@
+"""The Polygon dlt source: normalisation, rejects, contract identity, origin pinning, retries (simulator faults)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from datetime import UTC, date, datetime
+
+import pyarrow as pa
+import pytest
+
+from loaders.polygon import (
+    ProviderError,
+    SymbolFetchError,
+    normalise_page,
+    pin_next_url,
+    polygon_source,
+)
+from loaders.polygon.helpers import ChainClient, RetryPolicy, dedupe_pages
+from loaders.simulator import Fault
+
+T = datetime(2025, 6, 2, 23, 59, 59, 999999, tzinfo=UTC)
+DAY = date(2025, 6, 2)
+# The documented example contract (shared/spec/polygon-api.md).
+CONTRACT = {
+    "break_even_price": 171.075,
+    "day": {"change": -0.05, "close": 4.6, "last_updated": 1703192400000000000, "volume": 1322, "vwap": 4.71},
+    "details": {"contract_type": "call", "exercise_style": "american", "expiration_date": "2026-01-16",
+                "shares_per_contract": 100, "strike_price": 170, "ticker": "O:AAPL260116C00170000"},
+    "fmv": 4.61,
+    "greeks": {"delta": 0.5412, "gamma": 0.0311, "theta": -0.0825, "vega": 0.1902},
+    "implied_volatility": 0.2488,
+    "last_quote": {"ask": 4.65, "bid": 4.55, "last_updated": 1703192399000000000, "midpoint": 4.6},
+    "last_trade": {"price": 4.6, "sip_timestamp": 1703192398123456789, "size": 2},
+    "open_interest": 18234,
+    "underlying_asset": {"last_updated": 1703192400000000000, "price": 170.145, "ticker": "AAPL"},
+}
+FAST = RetryPolicy(max_attempts=3, budget_per_symbol=10, backoff_factor=0.01, max_delay=0.05, read_timeout=2)
+
+
+def _rows(results: list, ticker_id: str = "tid") -> tuple[list[dict], dict]:
+    table, rejected = normalise_page(results, ticker_id, T)
+    return table.to_pylist(), dict(rejected)
+
+
+def _contract(**changes: object) -> dict:
+    contract = copy.deepcopy(CONTRACT)
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        target = contract
+        for key in parents:
+            target = target[key]
+        if value is ...:
+            target.pop(leaf, None)
+        else:
+            target[leaf] = value
+    return contract
+
+
+# --- normalisation ----------------------------------------------------------------------------
+
+def test_every_documented_column_from_the_provider_fields() -> None:
+    [row], rejected = _rows([CONTRACT])
+    assert rejected == {}
+    assert row == {
+        "time": T, "ticker_id": "tid", "contract_ticker": "O:AAPL260116C00170000",
+        "expiration_date": date(2026, 1, 16), "strike_price": 170.0, "option_type": "C",
+        "implied_volatility": 0.2488, "delta": 0.5412, "gamma": 0.0311, "theta": -0.0825, "vega": 0.1902,
+        "open_interest": 18234, "volume": 1322, "bid": 4.55, "ask": 4.65, "last": 4.6,
+        "underlying_price": 170.145, "underlying_symbol": "AAPL", "exercise_style": "american",
+        "shares_per_contract": 100, "break_even_price": 171.075, "fmv": 4.61,
+        # Unix nanoseconds -> timestamptz (microseconds kept, as PostgreSQL stores them)
+        "quote_updated_at": datetime(2023, 12, 21, 20, 59, 59, tzinfo=UTC),
+        "trade_at": datetime(2023, 12, 21, 20, 59, 58, 123456, tzinfo=UTC),
+        "day_updated_at": datetime(2023, 12, 21, 21, 0, tzinfo=UTC),
+    }
+
+
+def test_every_optional_field_missing_is_null() -> None:
+    bare = {"details": {"contract_type": "put", "expiration_date": "2026-01-16", "strike_price": 165.5,
+                        "ticker": "O:AAPL260116P00165500"}}
+    nulls = {"details": {**bare["details"], "exercise_style": None, "shares_per_contract": None},
+             "greeks": None, "implied_volatility": None, "last_quote": None, "last_trade": None,
+             "fmv": None, "open_interest": None, "day": {"volume": None}, "underlying_asset": {}}
+    rows, rejected = _rows([bare, nulls])
+    assert rejected == {}
+    for row in rows:
+        assert (row["option_type"], row["strike_price"]) == ("P", 165.5)
+        optional = {k: v for k, v in row.items()
+                    if k not in ("time", "ticker_id", "contract_ticker", "expiration_date", "strike_price", "option_type")}
+        assert set(optional.values()) == {None}, optional
+
+
+def test_index_underlying_price_comes_from_value() -> None:
+    index = _contract(underlying_asset__price=..., underlying_asset__value=5880.25, underlying_asset__ticker="I:SPX")
+    [row], _ = _rows([index])
+    assert (row["underlying_price"], row["underlying_symbol"]) == (5880.25, "I:SPX")
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"details__ticker": ...}, "missing ticker"),
+    ({"details__ticker": ""}, "missing ticker"),
+    ({"details__expiration_date": ...}, "missing expiration_date"),
+    ({"details__expiration_date": "2026-13-01"}, "unparseable expiration_date"),
+    ({"details__strike_price": ...}, "missing strike_price"),
+    ({"details__strike_price": "abc"}, "unparseable strike_price"),
+    ({"details__strike_price": -5}, "unparseable strike_price"),
+    ({"details__contract_type": "straddle"}, "unknown contract_type"),
+    ({"details__contract_type": ...}, "missing contract_type"),
+    ({"details": ...}, "missing ticker"),
+    ({"greeks__delta": "n/a"}, "unparseable delta"),
+    ({"open_interest": 1.5}, "unparseable open_interest"),
+    ({"last_quote": [1, 2]}, "unparseable last_quote"),
+    ({"day__last_updated": "yesterday"}, "unparseable day.last_updated"),
+    ({"implied_volatility": float("nan")}, "unparseable implied_volatility"),
+])
+def test_bad_contracts_are_rejected_and_counted_the_others_load(change: dict, reason: str) -> None:
+    good = _contract(details__ticker="O:AAPL260116C00175000")
+    rows, rejected = _rows([_contract(**change), good, "not a contract"])
+    assert [r["contract_ticker"] for r in rows] == ["O:AAPL260116C00175000"]
+    assert rejected == {reason: 1, "not an object": 1}
+
+
+def test_contract_identity_is_the_ticker_spx_and_spxw_share_the_rest() -> None:
+    spx = _contract(details__ticker="O:SPX260116C05900000", details__strike_price=5900)
+    spxw = _contract(details__ticker="O:SPXW260116C05900000", details__strike_price=5900)
+    table, _ = normalise_page([spx, spxw], "tid", T)
+    pages, dropped = dedupe_pages([table])
+    assert dropped == 0 and pages[0].num_rows == 2
+    assert sorted(pages[0].column("contract_ticker").to_pylist()) == ["O:SPX260116C05900000", "O:SPXW260116C05900000"]
+
+
+def test_a_contract_repeated_across_pages_is_kept_once_later_page_wins() -> None:
+    first, _ = normalise_page([_contract(last_quote__bid=1.0), _contract(details__ticker="O:X")], "tid", T)
+    second, _ = normalise_page([_contract(last_quote__bid=2.0)], "tid", T)
+    taken: set[str] = {"O:X"}  # already emitted by another symbol of the same load
+    pages, dropped = dedupe_pages([first, second], taken)
+    rows = pa.concat_tables(pages).to_pylist()
+    assert dropped == 2 and [(r["contract_ticker"], r["bid"]) for r in rows] == [("O:AAPL260116C00170000", 2.0)]
+
+
+# --- origin pinning ---------------------------------------------------------------------------
+
+def test_next_url_stays_on_the_configured_origin() -> None:
+    base = "http://127.0.0.1:8080"
+    assert pin_next_url("http://127.0.0.1:8080/v3/snapshot/options/AAPL?cursor=abc", base) == \
+        "http://127.0.0.1:8080/v3/snapshot/options/AAPL?cursor=abc"
+    # another origin (api.polygon.io behind a proxy, or anything else) is rewritten, never followed
+    assert pin_next_url("https://api.polygon.io/v3/snapshot/options/AAPL?cursor=abc&apiKey=theirs", base) == \
+        "http://127.0.0.1:8080/v3/snapshot/options/AAPL?cursor=abc"
+    assert pin_next_url("https://evil.example/v3/snapshot/options/I:SPX?cursor=x", "https://proxy.local/polygon/") == \
+        "https://proxy.local/polygon/v3/snapshot/options/I:SPX?cursor=x"
+    for refused in ("https://evil.example/collect?cursor=abc", "ftp://127.0.0.1:8080/v3/snapshot/options/AAPL"):
+        with pytest.raises(SymbolFetchError):
+            pin_next_url(refused, base)
+
+
+# --- over HTTP with the simulator ---------------------------------------------------------------
+
+def _fetch(simulator, symbol: str, policy: RetryPolicy = FAST, key: str = "test-key"):
+    client = ChainClient(simulator.base_url, key, policy, extra_params={"date": DAY.isoformat()})
+    return client.fetch(symbol, "tid", T)
+
+
+def test_full_chain_through_next_url_key_only_in_the_query(simulator, market) -> None:
+    result = _fetch(simulator, "KO")
+    expected = market.chain("KO", DAY)
+    assert result.ok and result.pages == 3 and result.contracts == len(expected) == len(set(result.contract_tickers))
+    sent = simulator.requests
+    assert [r.query.get("apiKey") for r in sent] == ["test-key"] * 3
+    assert sent[0].query["limit"] == "250" and sent[0].query["date"] == "2025-06-02"
+    assert all("cursor" in r.query and "limit" not in r.query for r in sent[1:])
+    assert not any("test-key" in str(v) for r in sent for v in r.headers.values())
+
+
+def test_foreign_next_url_is_rewritten_onto_the_configured_origin(simulator, market) -> None:
+    simulator.set_fault("KO", Fault(foreign_next_url="http://127.0.0.2:9"))
+    result = _fetch(simulator, "KO")
+    assert result.ok and result.pages == 3 and result.contracts == len(market.chain("KO", DAY))
+
+
+def test_repeated_contract_across_pages_is_stored_once(simulator, market) -> None:
+    simulator.set_fault("KO", Fault(repeat_contract_across_pages=True))
+    result = _fetch(simulator, "KO")
+    assert result.ok and result.contracts == len(market.chain("KO", DAY))
+
+
+def test_429_honours_retry_after_then_succeeds(simulator) -> None:
+    simulator.set_fault("F", Fault(status_429_times=1, retry_after_s=1))
+    started = time.monotonic()
+    result = _fetch(simulator, "F", RetryPolicy(max_attempts=3, backoff_factor=0.01, max_delay=2))
+    assert result.ok and time.monotonic() - started >= 1.0
+    assert len(simulator.requests) == 3  # the 429, then both pages
+
+
+def test_5xx_is_retried_and_bounded(simulator) -> None:
+    simulator.set_fault("F", Fault(status_5xx_times=2))
+    assert _fetch(simulator, "F").ok
+    simulator.clear_requests()
+    simulator.set_fault("F", Fault(status_5xx_times=100))
+    result = _fetch(simulator, "F")
+    assert not result.ok and "HTTP 503" in result.error and len(simulator.requests) == FAST.max_attempts
+
+
+def test_retry_budget_is_per_symbol(simulator) -> None:
+    simulator.set_fault("KO", Fault(status_5xx_times=3))
+    # 5 attempts per request would get through; the symbol's budget of 2 retries does not
+    result = _fetch(simulator, "KO", RetryPolicy(max_attempts=5, budget_per_symbol=2, backoff_factor=0.01))
+    assert not result.ok and len(simulator.requests) == 3
+
+
+def test_timeouts_and_broken_bodies_are_retried_then_fail_the_symbol(simulator) -> None:
+    simulator.set_fault("F", Fault(truncate_body=True, times=1))
+    assert _fetch(simulator, "F").ok
+    simulator.set_fault("F", Fault(hang_s=1.0))
+    result = _fetch(simulator, "F", RetryPolicy(max_attempts=2, backoff_factor=0.01, read_timeout=0.2))
+    assert not result.ok and "timed out" in result.error
+
+
+@pytest.mark.parametrize("fault", [Fault(non_json=True), Fault(html_200=True), Fault(results_not_list=True),
+                                   Fault(next_url_loop=True)])
+def test_bad_data_fails_the_symbol_without_retrying(simulator, fault: Fault) -> None:
+    simulator.set_fault("KO", fault)
+    result = _fetch(simulator, "KO")
+    assert not result.ok and result.error
+    assert len(simulator.requests) <= 2
+
+
+@pytest.mark.parametrize(("key", "not_entitled", "status"), [("wrong-key", (), 401), ("test-key", ("F",), 403)])
+def test_401_and_403_are_not_retried_and_stop_everything(simulator, key, not_entitled, status) -> None:
+    simulator.not_entitled = frozenset(not_entitled)
+    with pytest.raises(ProviderError, match=f"HTTP {status}") as exc:
+        _fetch(simulator, "F", key=key)
+    assert len(simulator.requests) == 1 and "wrong-key" not in str(exc.value)
+
+
+def test_unreachable_provider_stops_everything() -> None:
+    client = ChainClient("http://127.0.0.1:9", "secret-key", RetryPolicy(max_attempts=2, backoff_factor=0.01))
+    with pytest.raises(ProviderError, match="unreachable") as exc:
+        client.fetch("F", "tid", T)
+    assert "secret-key" not in str(exc.value)
+
+
+def test_source_fetches_in_parallel_and_isolates_a_failing_symbol(simulator, monkeypatch) -> None:
+    monkeypatch.setenv("SOURCES__POLYGON__BACKOFF_FACTOR", "0.01")  # dlt config injection
+    simulator.set_fault("*", Fault(latency_s=0.3))
+    simulator.set_fault("T", Fault(non_json=True))
+    seen = []
+    source = polygon_source({"F": "f", "KO": "k", "T": "t", "PFE": "p"}, T, as_of=DAY, concurrency=4,
+                            on_chain=seen.append, polygon_api_key="test-key", polygon_base_url=simulator.base_url)
+    started = time.monotonic()
+    tables = list(source.resources["options_chains"])
+    assert time.monotonic() - started < 1.5  # 3 pages of KO at 0.3 s while the others run alongside
+    outcomes = {r.symbol: r.ok for r in seen}
+    assert outcomes == {"F": True, "KO": True, "T": False, "PFE": True}
+    assert {t for table in tables for t in table.column("ticker_id").to_pylist()} == {"f", "k", "p"}
