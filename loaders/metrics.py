@@ -1,0 +1,400 @@
+"""`kapman metrics`: dbt computes the volatility metrics for the chosen trading dates; this module
+picks the dates, runs dbt in-process and publishes the mart's JSON to daily_snapshots."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+from psycopg2 import sql
+
+from . import db as dbmod
+from .logs import SUMMARY, Heartbeat
+from .trading_calendar import latest_trading_date, trading_days
+
+log = logging.getLogger(__name__)
+dbt_log = logging.getLogger("dbt")
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PROFILES_DIR = PROJECT_DIR / "profiles"
+TRADING_DAYS_SEED = PROJECT_DIR / "dbt_project" / "seeds" / "trading_days.csv"
+SEED_YEARS = (2010, 2040)
+MART = "volatility_metrics"
+GRID = "int_options_snapshots"  # the (ticker, date) pairs of the run, with `is_published`
+
+
+class DbtError(RuntimeError):
+    """dbt failed (compilation, a model, a data test): nothing was published."""
+
+
+# --- dbt in-process ---------------------------------------------------------------------------
+
+@dataclass
+class _Dbt:
+    """dbt in-process, one dbtRunner per process: the project is parsed once per database (relation
+    names carry the database name) and the manifest reused, since vars only matter at run time."""
+
+    manifests: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def _on_event(self, event: Any) -> None:
+        level, msg, name = event.info.level, event.info.msg, event.info.name
+        if level == "error":
+            self.errors.append(msg)
+            dbt_log.error("%s", msg)
+        elif level == "warn" and "Deprecation" not in name:
+            dbt_log.warning("%s", msg)
+        else:
+            dbt_log.debug("%s", msg)
+
+    def _common(self) -> list[str]:
+        return ["--project-dir", str(PROJECT_DIR), "--profiles-dir", str(PROFILES_DIR),
+                "--log-level", "none", "--log-level-file", "info",
+                "--no-send-anonymous-usage-stats", "--no-version-check"]
+
+    def manifest(self, database: dbmod.Database) -> Any:
+        from dbt.cli.main import dbtRunner  # slow import: only when metrics run
+
+        key = (database.host, str(database.port), database.dbname, database.user,
+               os.environ.get("KAPMAN_DBT_SCHEMA", ""))
+        if key not in self.manifests:
+            self.errors = []
+            with _environment(database.libpq_env()):
+                parsed = dbtRunner(callbacks=[self._on_event]).invoke(["parse", *self._common()])
+            if not parsed.success:
+                raise DbtError(_failure_reason(parsed, self.errors, "dbt parse failed"))
+            self.manifests[key] = parsed.result
+        return self.manifests[key]
+
+    def relation(self, database: dbmod.Database, name: str) -> str:
+        """The relation a model or seed builds into, e.g. "kapman"."analytics"."volatility_metrics"."""
+        for node in self.manifest(database).nodes.values():
+            if node.name == name and getattr(node, "relation_name", None):
+                return str(node.relation_name)
+        raise DbtError(f"no dbt model or seed named {name}")
+
+    def invoke(self, database: dbmod.Database, args: list[str]) -> Any:
+        from dbt.cli.main import dbtRunner
+
+        manifest = self.manifest(database)
+        self.errors = []
+        with _environment(database.libpq_env()):
+            result = dbtRunner(manifest=manifest, callbacks=[self._on_event]).invoke(
+                [*args, *self._common()])
+        if not result.success:
+            raise DbtError(_failure_reason(result, self.errors, f"dbt {args[0]} failed"))
+        return result
+
+
+_dbt = _Dbt()
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _failure_reason(result: Any, events: list[str], default: str) -> str:
+    if result.exception is not None:
+        return f"{default}: {str(result.exception).strip().splitlines()[0]}"
+    failed = [
+        f"{r.node.name} ({r.status}: {(r.message or '').strip().splitlines()[0] if r.message else ''})"
+        for r in getattr(result.result, "results", []) or []
+        if str(r.status) in ("error", "fail", "runtime error")
+    ]
+    if failed:
+        return f"{default}: {'; '.join(failed)}"
+    return f"{default}: {events[0]}" if events else default
+
+
+def build(database: dbmod.Database, start: date, end: date, fill_missing: bool = False,
+          with_seed: bool = True) -> None:
+    """`dbt build` of the mart and everything upstream for trading dates start..end (unit tests
+    excluded: they test the code, `make test` runs them)."""
+    variables = {"start_date": start.isoformat(), "end_date": end.isoformat(), "fill_missing": fill_missing}
+    args = ["build", "--select", f"+{MART}", "--vars", json.dumps(variables),
+            "--exclude-resource-type", "unit_test"]
+    if not with_seed:
+        args += ["--exclude-resource-type", "seed"]
+    _dbt.invoke(database, args)
+
+
+def run_dbt(database: dbmod.Database, args: list[str]) -> Any:
+    """Any other dbt command against this database (tests, `--empty` runs)."""
+    return _dbt.invoke(database, args)
+
+
+def seed_is_current(conn: psycopg2.extensions.connection, relation: str) -> bool:
+    """Whether the trading_days table already holds exactly the seed file (skips a reload)."""
+    with conn.cursor() as cur:
+        cur.execute("select to_regclass(%s) is not null", (relation,))
+        if not cur.fetchone()[0]:
+            return False
+        cur.execute(sql.SQL("select md5(string_agg(to_char(trading_date, 'YYYY-MM-DD'), E'\\n'"
+                            " order by trading_date)) from {}").format(sql.SQL(relation)))
+        stored = cur.fetchone()[0]
+    lines = TRADING_DAYS_SEED.read_text().split()[1:]
+    return stored == hashlib.md5("\n".join(lines).encode()).hexdigest()
+
+
+# --- versions, dates and the seed ---------------------------------------------------------------
+
+def model_version() -> str:
+    """Package version, plus the git commit when the code runs from a checkout."""
+    try:
+        version = metadata.version("kapman-options")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(PROJECT_DIR), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{version}+g{sha}" if sha else version
+
+
+def requested_dates(args: argparse.Namespace) -> tuple[date, date]:
+    """--date wins over --start-date/--end-date; default: the latest trading date."""
+    if args.date:
+        return args.date, args.date
+    if args.start_date:
+        return args.start_date, args.end_date
+    day = latest_trading_date()
+    return day, day
+
+
+def trading_days_seed_text() -> str:
+    """The seed file's content: the trading calendar of ingestion over SEED_YEARS."""
+    days = trading_days(date(SEED_YEARS[0], 1, 1), date(SEED_YEARS[1], 12, 31))
+    return "trading_date\n" + "".join(f"{day.isoformat()}\n" for day in days)
+
+
+# --- publish ----------------------------------------------------------------------------------
+
+_PUBLISH = """
+insert into daily_snapshots
+    (time, ticker_id, volatility_metrics_json, metrics_model_version, metrics_updated_at)
+select mart.snapshot_at, mart.ticker_id,
+       mart.volatility_metrics_json || jsonb_build_object('model_version', %(version)s::text),
+       %(version)s, now()
+from {grid} as grid
+join {mart} as mart using (ticker_id, as_of_date)
+where grid.is_published {only_one}
+on conflict (time, ticker_id) do update set
+    volatility_metrics_json = excluded.volatility_metrics_json,
+    metrics_model_version = excluded.metrics_model_version,
+    metrics_updated_at = excluded.metrics_updated_at
+where daily_snapshots.volatility_metrics_json::text
+      is distinct from excluded.volatility_metrics_json::text
+  {keep_existing}
+"""
+_KEEP_EXISTING = ("and jsonb_typeof(coalesce(daily_snapshots.volatility_metrics_json, 'null'))"
+                  " = 'null'")
+
+_ERROR_UPSERT = """
+insert into daily_snapshots
+    (time, ticker_id, volatility_metrics_json, metrics_model_version, metrics_updated_at)
+values (%(time)s, %(ticker_id)s, %(doc)s::jsonb, %(version)s, now())
+on conflict (time, ticker_id) do update set
+    volatility_metrics_json = excluded.volatility_metrics_json,
+    metrics_model_version = excluded.metrics_model_version,
+    metrics_updated_at = excluded.metrics_updated_at
+"""
+
+
+@dataclass
+class Published:
+    """One (ticker, date) the run published."""
+
+    ticker_id: str
+    symbol: str
+    as_of: date
+    snapshot_at: Any
+    status: str
+    diagnostics: list[str]
+    document: dict[str, Any]
+    error: str | None = None
+
+
+def error_document(document: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The spec's ERROR shape from a computed document: every metric null, one diagnostic."""
+    short = " ".join(reason.split())[:120]
+    return document | {
+        "status": "ERROR",
+        "metrics": dict.fromkeys(document.get("metrics", {})),
+        "diagnostics": [f"error:{short}"],
+    }
+
+
+def _published_rows(cur: Any, grid: sql.Composable, mart: sql.Composable) -> list[Published]:
+    cur.execute(sql.SQL(
+        "select mart.ticker_id::text, mart.symbol, mart.as_of_date, mart.snapshot_at, mart.status,"
+        " mart.diagnostics, mart.volatility_metrics_json::text"
+        " from {grid} as grid join {mart} as mart using (ticker_id, as_of_date)"
+        " where grid.is_published order by mart.as_of_date, mart.symbol"
+    ).format(grid=grid, mart=mart))
+    return [Published(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in cur.fetchall()]
+
+
+def publish(database: dbmod.Database, version: str, fill_missing: bool) -> list[Published]:
+    """Upsert the JSON of every published (ticker, date) into daily_snapshots. Only
+    volatility_metrics_json and its bookkeeping columns are written, and only when the JSON
+    changed (re-runs write nothing); with fill_missing, existing JSON is never replaced. All rows
+    go in one statement; if that fails, row by row, so that one ticker's failure becomes its
+    ERROR document and the rest of the batch lands."""
+    grid, mart = sql.SQL(_dbt.relation(database, GRID)), sql.SQL(_dbt.relation(database, MART))
+    keep = sql.SQL(_KEEP_EXISTING if fill_missing else "")
+    statement = sql.SQL(_PUBLISH)
+    with database.connect() as conn, conn.cursor() as cur:
+        rows = _published_rows(cur, grid, mart)
+    try:
+        with database.connect() as conn, conn.cursor() as cur:
+            cur.execute(statement.format(grid=grid, mart=mart, only_one=sql.SQL(""), keep_existing=keep),
+                        {"version": version})
+        return rows
+    except psycopg2.Error as exc:
+        log.warning("publishing all rows at once failed (%s); publishing ticker by ticker",
+                    _first_line(exc))
+    one = statement.format(grid=grid, mart=mart, keep_existing=keep,
+                           only_one=sql.SQL("and mart.ticker_id = %(ticker_id)s and mart.as_of_date = %(as_of)s"))
+    with database.connect(autocommit=True) as conn, conn.cursor() as cur:
+        for row in rows:
+            try:
+                cur.execute(one, {"version": version, "ticker_id": row.ticker_id, "as_of": row.as_of})
+            except psycopg2.Error as exc:
+                row.error = _first_line(exc)
+                row.status = "ERROR"
+                row.document = error_document(row.document, row.error)
+                row.diagnostics = row.document["diagnostics"]
+                log.error("%s %s: publishing failed: %s", row.symbol, row.as_of, row.error)
+                try:
+                    cur.execute(_ERROR_UPSERT, {
+                        "time": row.snapshot_at, "ticker_id": row.ticker_id, "version": version,
+                        "doc": json.dumps(row.document | {"model_version": version}, sort_keys=True),
+                    })
+                except psycopg2.Error as again:
+                    log.error("%s %s: cannot record the ERROR status either: %s",
+                              row.symbol, row.as_of, _first_line(again))
+    return rows
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --- the command --------------------------------------------------------------------------------
+
+def _active_watchlist_tickers(conn: psycopg2.extensions.connection) -> int:
+    """Give every active watchlist symbol a tickers row (as ingestion does), so that each gets a
+    daily_snapshots row even before its first ingestion; returns how many there are."""
+    with conn.cursor() as cur:
+        cur.execute("insert into tickers (symbol) select distinct symbol from watchlists where active"
+                    " on conflict (symbol) do nothing")
+        cur.execute("select count(distinct symbol) from watchlists where active")
+        return int(cur.fetchone()[0])
+
+
+def _log_row(row: Published, debug: bool) -> None:
+    if row.status == "MISSING_OPTIONS":
+        log.info("%s %s: no options snapshot at or before the date (MISSING_OPTIONS)", row.symbol, row.as_of)
+    elif row.status == "PARTIAL":
+        log.info("%s %s: snapshot has no IV-valid contracts with DTE >= 1 (PARTIAL)", row.symbol, row.as_of)
+    if "stale_options_snapshot" in row.diagnostics:
+        log.info("%s %s: latest options snapshot is from %s (stale)", row.symbol, row.as_of,
+                 row.document.get("options_snapshot_time"))
+    if debug:
+        metrics = " ".join(f"{k}={v}" for k, v in row.document.get("metrics", {}).items())
+        log.debug("%s %s %s %s counts=%s diagnostics=%s", row.symbol, row.as_of, row.status, metrics,
+                  row.document.get("counts"), ",".join(row.diagnostics) or "-")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`kapman metrics`; returns the exit code."""
+    started = time.monotonic()
+    start, end = requested_dates(args)
+    dates = trading_days(start, end)
+    database = dbmod.resolve(args.db_url)
+    dbmod.upgrade(database)
+    summary: dict[str, Any] = {
+        "command": "metrics", "start_date": start.isoformat(), "end_date": end.isoformat(),
+        "trading_dates": len(dates), "fill_missing": args.fill_missing,
+    }
+    with database.connect(autocommit=True) as lock_conn, dbmod.advisory_lock(lock_conn, "metrics") as got:
+        if not got:
+            raise dbmod.LockHeld(f"another kapman metrics run holds the lock on {database.display}")
+        tickers = _active_watchlist_tickers(lock_conn)
+        version = model_version()
+        summary |= {"tickers": tickers, "model_version": version}
+        log.log(SUMMARY, "START metrics dates=%s..%s (%d trading dates) tickers=%d fill_missing=%s "
+                "model_version=%s %s", start, end, len(dates), tickers, args.fill_missing, version,
+                database.display)
+        rows: list[Published] = []
+        code = 0
+        if not dates:
+            log.warning("no trading dates between %s and %s: nothing to compute", start, end)
+        elif tickers == 0:
+            log.warning("no active watchlist symbols: nothing to compute (kapman watchlists load)")
+        else:
+            try:
+                seed_current = seed_is_current(lock_conn, _dbt.relation(database, "trading_days"))
+                build(database, dates[0], dates[-1], args.fill_missing, with_seed=not seed_current)
+                rows = publish(database, version, args.fill_missing)
+            except DbtError as exc:
+                log.error("%s", exc)
+                summary["error"] = str(exc)
+                code = 1
+            heartbeat = Heartbeat(log, args.heartbeat, len(rows), "ticker-dates")
+            for row in rows:
+                _log_row(row, args.debug)
+                heartbeat.tick(last=f"{row.symbol}@{row.as_of}")
+    counts = Counter(row.status for row in rows)
+    if rows and counts["ERROR"] == len(rows):
+        code = 1
+    summary |= {
+        "processed": len(rows), "success": counts["SUCCESS"], "missing_options": counts["MISSING_OPTIONS"],
+        "partial": counts["PARTIAL"], "errors": counts["ERROR"],
+        "failed": [{"symbol": r.symbol, "date": r.as_of.isoformat(), "diagnostics": r.diagnostics}
+                   for r in rows if r.status == "ERROR"],
+        "duration_seconds": round(time.monotonic() - started, 3), "exit_code": code,
+    }
+    log.log(SUMMARY, "END metrics processed=%d success=%d missing_options=%d partial=%d errors=%d "
+            "duration=%.1fs", summary["processed"], summary["success"], summary["missing_options"],
+            summary["partial"], summary["errors"], summary["duration_seconds"])
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-trading-days-seed"]:
+        TRADING_DAYS_SEED.write_text(trading_days_seed_text())
+    else:
+        sys.exit("usage: python -m loaders.metrics --write-trading-days-seed")
