@@ -198,8 +198,9 @@ def _ledger_finish(cur: psycopg2.extensions.cursor, outcome: SymbolOutcome, snap
 def update_lifecycle(cur: psycopg2.extensions.cursor, ticker_id: str, seen: Sequence[str],
                      snapshot: datetime) -> None:
     """After a symbol's successful fetch at `snapshot`: contracts seen are active (reactivated if
-    they had gone), its other contracts last seen before `snapshot` are deactivated. An older
-    snapshot never overrides what a newer one said. Nothing is deleted."""
+    they had gone), its other contracts last seen before `snapshot` are deactivated. A snapshot
+    older than what a contract already records (a later sighting or deactivation) changes only its
+    first/last seen times. Nothing is deleted."""
     cur.execute(
         "insert into option_contracts as oc (contract_ticker, ticker_id, expiration_date, strike_price,"
         " option_type, first_seen_at, last_seen_at, active)"
@@ -208,10 +209,10 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, ticker_id: str, seen: Sequ
         " on conflict (contract_ticker) do update set"
         " first_seen_at = least(oc.first_seen_at, excluded.first_seen_at),"
         " last_seen_at = greatest(oc.last_seen_at, excluded.last_seen_at),"
-        " active = oc.active or excluded.last_seen_at >= oc.last_seen_at,"
-        " deactivated_at = case when excluded.last_seen_at >= oc.last_seen_at then null else oc.deactivated_at end"
-        " where not oc.active or excluded.last_seen_at > oc.last_seen_at"
-        " or excluded.first_seen_at < oc.first_seen_at",
+        " active = oc.active or %(t)s >= coalesce(oc.deactivated_at, oc.last_seen_at),"
+        " deactivated_at = case when %(t)s >= coalesce(oc.deactivated_at, oc.last_seen_at) then null"
+        " else oc.deactivated_at end"
+        " where not oc.active or %(t)s > oc.last_seen_at or %(t)s < oc.first_seen_at",
         {"t": snapshot, "seen": list(seen)},
     )
     cur.execute(
@@ -282,8 +283,8 @@ def _load_batch(run: _Run, day: date, snapshot: datetime, batch: Sequence[str],
     def on_chain(result: ChainResult) -> None:
         results[result.symbol] = result
         counts["ok" if result.ok else "failed"] += 1
-        if result.fatal and run.fatal is None:
-            run.fatal = result.error
+        if result.fatal and result.attempted and run.fatal is None:
+            run.fatal = result.error  # the symbol that met the failure, not one that never started
         heartbeat.tick(day=day.isoformat(), ok=counts["ok"], failed=counts["failed"])
 
     with run.work.cursor() as cur:

@@ -489,7 +489,8 @@ class ChainClient:
             result.error = f"HTTP {status}{retried}" + (f": {message}" if message else "")
         except requests.ConnectionError as exc:
             if _unreachable(exc):
-                raise ProviderError(f"{self.origin} is unreachable: {sanitize(str(exc), self._api_key)}") from None
+                reason = str(getattr(exc.args[0], "reason", exc) if exc.args else exc).rsplit(": ", 1)[-1]
+                raise ProviderError(f"{self.origin} is unreachable: {sanitize(reason, self._api_key)}") from None
             result.error = f"connection broken after retries: {sanitize(str(exc), self._api_key)}"
         except requests.Timeout as exc:
             result.error = f"timed out after retries: {sanitize(str(exc), self._api_key)}"
