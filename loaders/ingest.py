@@ -443,6 +443,10 @@ def run(args: argparse.Namespace) -> int:
         if not symbols:
             log.warning("no active watchlist symbols: nothing to ingest (load some with `kapman watchlists load`)")
         exit_code = _run_days(args, database, days, symbols, days_out) if days and symbols else EXIT_OK
+        if exit_code:
+            failed = [d for d in days_out if d.outcome == "failed"]
+            error = "every day failed" if len(failed) > 1 else f"{failed[0].day} failed: {failed[0].error}"
+            log.error("%s", error)
     except IngestError as exc:
         error, exit_code = str(exc), EXIT_FAILED
         log.error("%s", exc)

@@ -1,0 +1,120 @@
+"""Range backfill: date expansion, argparse rules, one single-day run per trading day, the ledger's
+skip/retry, the live provider's refusal of history, overlapping ranges."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from datetime import date, timedelta
+
+import pytest
+
+from loaders import cli, ingest
+from loaders.trading_calendar import latest_trading_date, snapshot_time, trading_days
+from tests.conftest import query
+from tests.test_ingest import _workdir, count, live, run, watch  # noqa: F401 (fixtures)
+
+TODAY = latest_trading_date()
+
+
+def _args(**kwargs: object) -> argparse.Namespace:
+    return argparse.Namespace(**({"as_of": None, "start_date": None, "end_date": None} | kwargs))
+
+
+def test_dates_expand_to_trading_days_oldest_first(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    days = ingest.resolve_days(_args(start_date=date(2025, 12, 22), end_date=date(2026, 1, 5)))
+    assert days == trading_days(date(2025, 12, 22), date(2026, 1, 5)) and len(days) == 9
+    assert date(2025, 12, 25) not in days and days == sorted(days)
+    assert "9 trading days resolved (6 weekend/holiday days skipped)" in caplog.text
+    assert ingest.resolve_days(_args()) == [TODAY]
+    assert ingest.resolve_days(_args(as_of=date(2025, 6, 2))) == [date(2025, 6, 2)]
+    with pytest.raises(ingest.IngestError, match="not an NYSE trading day"):
+        ingest.resolve_days(_args(as_of=date(2025, 12, 25)))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--as-of", "2025-06-02", "--start-date", "2025-06-02", "--end-date", "2025-06-03"],
+    ["--as-of", "2025-06-02", "--end-date", "2025-06-03"],
+    ["--start-date", "2025-06-02"], ["--end-date", "2025-06-02"],
+    ["--start-date", "2025-06-03", "--end-date", "2025-06-02"],
+    ["--start-date", "2025-06-02", "--end-date", "2025-06-03", "--snapshot-time", "2025-06-02T20:00:00Z"],
+])
+def test_invalid_date_combinations_are_usage_errors(argv, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["ingest", *argv])
+    assert exc.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_a_range_runs_the_single_day_path_once_per_day(database, db_url, monkeypatch) -> None:
+    watch(database, ("a", "F"))
+    calls: list[tuple[date, object]] = []
+
+    def single_day(run, day, snapshot, symbols):
+        calls.append((day, snapshot))
+        outcome = ingest.DayOutcome(day, snapshot, "failed" if day == date(2025, 6, 6) else "succeeded")
+        outcome.symbols = [ingest.SymbolOutcome(day, s, "failed" if outcome.outcome == "failed" else "ok")
+                           for s in symbols]
+        return outcome
+
+    monkeypatch.setattr(ingest, "ingest_day", single_day)
+    code, summary = run(db_url, "--provider", "simulator", "--start-date", "2025-06-05", "--end-date", "2025-06-10")
+    days = [date(2025, 6, 5), date(2025, 6, 6), date(2025, 6, 9), date(2025, 6, 10)]
+    assert calls == [(d, snapshot_time(d)) for d in days]
+    assert code == 0  # a failed day does not stop the range, nor fail it
+    assert (summary["days_attempted"], summary["days_succeeded"], summary["days_failed"]) == (4, 3, 1)
+    monkeypatch.setattr(ingest, "ingest_day", lambda run, day, snapshot, symbols: ingest.DayOutcome(
+        day, snapshot, "failed", "boom"))
+    assert run(db_url, "--provider", "simulator", "--start-date", "2025-06-05", "--end-date", "2025-06-06")[0] == 1
+
+
+def test_completed_pairs_are_skipped_failed_and_partial_ones_retried(database, db_url, caplog) -> None:
+    watch(database, ("a", "F"), ("a", "KO"))
+    span = ["--provider", "simulator", "--start-date", "2025-06-05", "--end-date", "2025-06-06"]
+    code, first = run(db_url, *span)
+    assert code == 0 and first["symbols_ok"] == 4
+    query(database, "update ingestion_ledger set status = 'failed' where symbol = 'KO' and snapshot_time = %s",
+          (snapshot_time(date(2025, 6, 6)),))
+    query(database, "update ingestion_ledger set status = 'running' where symbol = 'F' and snapshot_time = %s",
+          (snapshot_time(date(2025, 6, 5)),))
+    caplog.clear()
+    code, again = run(db_url, *span, "--verbose")
+    assert code == 0 and (again["symbols_ok"], again["symbols_skipped"]) == (2, 2)
+    assert {(s["day"], s["symbol"]) for s in again["symbols"] if s["outcome"] == "ok"} == \
+        {("2025-06-06", "KO"), ("2025-06-05", "F")}
+    assert "2025-06-05 KO skipped: the ledger says" in caplog.text
+    assert any(r.levelno == logging.DEBUG and "skipped: the ledger says" in r.getMessage() for r in caplog.records)
+    assert again["rows_written"] == 0  # same chains: nothing changed
+    code, forced = run(db_url, *span, "--force")
+    assert code == 0 and forced["symbols_ok"] == 4 and forced["days_skipped"] == 0
+    assert count(database, "select count(*) from ingestion_ledger where status = 'completed'") == 4
+
+
+def test_the_live_provider_refuses_past_days_and_stores_nothing_for_them(database, db_url, live, caplog) -> None:  # noqa: F811
+    watch(database, ("a", "F"))
+    past = trading_days(TODAY - timedelta(days=10), TODAY)[-3]
+    code, summary = run(db_url, "--as-of", past.isoformat())
+    assert code == 1 and "only serves the current chain" in summary["error"] + caplog.text
+    assert live.requests == [] and count(database, "select count(*) from options_chains") == 0
+    assert count(database, "select count(*) from ingestion_ledger") == 0
+    code, summary = run(db_url, "--start-date", past.isoformat(), "--end-date", TODAY.isoformat())
+    assert code == 0 and [d["outcome"] for d in summary["days"]] == ["failed", "failed", "succeeded"]
+    assert query(database, "select distinct time from options_chains") == [(snapshot_time(TODAY),)]
+
+
+def test_overlapping_ranges_give_one_snapshot_per_trading_day_and_no_duplicates(database, db_url, capsys) -> None:
+    watch(database, ("a", "F"), ("a", "KO"))
+    code, first = run(db_url, "--provider", "simulator", "--start-date", "2025-06-02", "--end-date", "2025-06-06",
+                      "--heartbeat", "1")
+    assert code == 0 and first["days_succeeded"] == 5
+    assert "HEARTBEAT 1/2 symbols" in capsys.readouterr().err
+    code, second = run(db_url, "--provider", "simulator", "--start-date", "2025-06-05", "--end-date", "2025-06-11",
+                       "--quiet")
+    assert code == 0 and (second["days_skipped"], second["days_succeeded"]) == (2, 3)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(" SUMMARY " in line or " ERROR " in line for line in lines)  # --quiet
+    times = query(database, "select distinct time from options_chains order by 1")
+    assert [t for (t,) in times] == [snapshot_time(d) for d in trading_days(date(2025, 6, 2), date(2025, 6, 11))]
+    assert count(database, "select count(*) from (select 1 from options_chains group by time, contract_ticker"
+                           " having count(*) > 1) d") == 0
+    assert (second["symbols_ok"], second["symbols_skipped"]) == (6, 4)
