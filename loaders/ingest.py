@@ -98,8 +98,7 @@ class Provider:
     snapshot endpoint only ever serves the current chain."""
 
     name: str
-    base_url: str
-    api_key: str
+    config: Any  # polygon.PolygonConfiguration: origin, key, retry settings
     historical: bool
 
     def refusal(self, day: date, current: date) -> str | None:
@@ -112,29 +111,28 @@ class Provider:
 
 @contextlib.contextmanager
 def open_provider(name: str) -> Iterator[Provider]:
-    """The polygon provider (key and base URL resolved by dlt: POLYGON_API_KEY, POLYGON_BASE_URL), or
-    the simulator started in-process on a free loopback port with a one-off key."""
+    """The polygon provider (key, base URL and retry settings resolved by dlt: POLYGON_API_KEY,
+    POLYGON_BASE_URL, [sources.polygon]), or the simulator started in-process on a free loopback
+    port with a one-off key, reached over HTTP like the real API."""
+    from .polygon import polygon_configuration
+
+    config = polygon_configuration()
     if name == "simulator":
         from .simulator import Market, SimulatorServer
 
         seed = int(os.environ.get("KAPMAN_SIMULATOR_SEED", "42"))
-        key = secrets.token_urlsafe(18)
-        register_secret(key)
-        with SimulatorServer(Market(seed), api_key=key) as server:
-            log.info("simulator (seed %d) serving on %s", seed, server.base_url)
-            yield Provider("simulator", server.base_url, key, historical=True)
+        config.polygon_api_key = secrets.token_urlsafe(18)
+        register_secret(config.polygon_api_key)
+        with SimulatorServer(Market(seed), api_key=config.polygon_api_key) as server:
+            config.polygon_base_url = server.base_url
+            log.info("simulator (seed %d) serving SIMULATED chains on %s", seed, server.base_url)
+            yield Provider("simulator", config, historical=True)
         return
-    from dlt.common.configuration.exceptions import ConfigFieldMissingException
-
-    from .polygon import polygon_configuration
-
-    try:
-        config = polygon_configuration()
-    except ConfigFieldMissingException:
+    if not config.polygon_api_key:
         raise IngestError("POLYGON_API_KEY is not set: the polygon provider refuses to start without it "
-                          "(or use --provider simulator)") from None
+                          "(or use --provider simulator)")
     register_secret(config.polygon_api_key)
-    yield Provider("polygon", config.polygon_base_url, config.polygon_api_key, historical=False)
+    yield Provider("polygon", config, historical=False)
 
 
 # --- outcomes -----------------------------------------------------------------------------------
@@ -225,15 +223,76 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, ticker_id: str, seen: Sequ
 # --- one run ------------------------------------------------------------------------------------
 
 @dataclass
+class _DayPlan:
+    refusal: str | None
+    done: dict[str, datetime]  # symbol -> when the ledger says it completed
+    batches: list[list[str]]
+
+
+@dataclass
 class _Run:
+    """One run's state. Fetches go through one pool, a batch ahead of the loads: while a batch
+    loads, the next one (of the same day, or the next day's first) is already being fetched."""
+
     args: argparse.Namespace
     database: dbmod.Database
     work: psycopg2.extensions.connection
     provider: Provider
     ticker_ids: dict[str, str]
     pipeline: Any
+    fetcher: Any  # polygon.ChainFetcher
+    days: list[date]
+    symbols: list[str]
     current: date
-    fatal: str | None = None
+    plans: dict[date, _DayPlan] = field(default_factory=dict)
+    submitted: dict[tuple[date, tuple[str, ...]], list[Any]] = field(default_factory=dict)
+    clients: dict[date | None, Any] = field(default_factory=dict)
+
+    @property
+    def fatal(self) -> str | None:
+        return self.fetcher.fatal
+
+    def snapshot(self, day: date) -> datetime:
+        return self.args.snapshot_time or snapshot_time(day)
+
+    def plan(self, day: date) -> _DayPlan:
+        """What the day needs: refused by the provider, or the symbols the ledger has not seen done."""
+        if day not in self.plans:
+            refusal = self.provider.refusal(day, self.current)
+            done = {} if refusal or self.args.force else completed_symbols(self.work, self.symbols, self.snapshot(day))
+            todo = [s for s in self.symbols if s not in done] if not refusal else []
+            batches = [todo[i:i + LOAD_BATCH_SYMBOLS] for i in range(0, len(todo), LOAD_BATCH_SYMBOLS)]
+            self.plans[day] = _DayPlan(refusal, done, batches)
+        return self.plans[day]
+
+    def submit(self, day: date, batch: Sequence[str]) -> list[Any]:
+        """The futures of one batch's fetches: started ahead by prefetch_after, or now."""
+        return self.submitted.pop((day, tuple(batch)), None) or self._start(day, batch)
+
+    def prefetch_after(self, day: date, index: int) -> None:
+        """Start the batch after this one: the day's next, else the next day's first."""
+        if self.fatal:
+            return
+        batches = self.plan(day).batches
+        if index + 1 < len(batches):
+            day_after, batch = day, batches[index + 1]
+        else:
+            later = [d for d in self.days if d > day][:1]
+            if not later or not self.plan(later[0]).batches:
+                return
+            day_after, batch = later[0], self.plan(later[0]).batches[0]
+        if (day_after, tuple(batch)) not in self.submitted:
+            self.submitted[(day_after, tuple(batch))] = self._start(day_after, batch)
+
+    def _start(self, day: date, batch: Sequence[str]) -> list[Any]:
+        snapshot = self.snapshot(day)
+        with self.work.cursor() as cur:
+            _ledger_running(cur, batch, snapshot)  # until its outcome is known
+        self.work.commit()
+        as_of = day if self.provider.historical else None
+        if as_of not in self.clients:
+            self.clients[as_of] = self.provider.config.client(as_of, pool_size=self.args.concurrency)
+        return self.fetcher.submit(self.clients[as_of], {s: self.ticker_ids[s] for s in batch}, snapshot)
 
 
 def _pipeline(database: dbmod.Database, args: argparse.Namespace) -> Any:
@@ -270,12 +329,13 @@ def _symbol_line(outcome: SymbolOutcome, reasons: dict[str, int] | None = None) 
         log.info("%s", text)
 
 
-def _load_batch(run: _Run, day: date, snapshot: datetime, batch: Sequence[str],
+def _load_batch(run: _Run, day: date, snapshot: datetime, batch: Sequence[str], futures: list[Any],
                 heartbeat: Heartbeat) -> list[SymbolOutcome]:
-    """Fetch a batch of symbols in parallel and load them in one dlt pipeline run."""
+    """Load one batch of fetched (or being fetched) symbols in one dlt pipeline run, then record
+    each symbol's outcome: ledger, lifecycle, log line."""
     from dlt.pipeline.exceptions import PipelineStepFailed
 
-    from .polygon import ChainResult, polygon_source
+    from .polygon import ChainResult, options_chains
 
     results: dict[str, ChainResult] = {}
     counts = {"ok": 0, "failed": 0}
@@ -283,22 +343,12 @@ def _load_batch(run: _Run, day: date, snapshot: datetime, batch: Sequence[str],
     def on_chain(result: ChainResult) -> None:
         results[result.symbol] = result
         counts["ok" if result.ok else "failed"] += 1
-        if result.fatal and result.attempted and run.fatal is None:
-            run.fatal = result.error  # the symbol that met the failure, not one that never started
         heartbeat.tick(day=day.isoformat(), ok=counts["ok"], failed=counts["failed"])
 
-    with run.work.cursor() as cur:
-        _ledger_running(cur, batch, snapshot)
-    run.work.commit()
-    source = polygon_source(
-        {s: run.ticker_ids[s] for s in batch}, snapshot,
-        as_of=day if run.provider.historical else None, concurrency=run.args.concurrency,
-        on_chain=on_chain, polygon_api_key=run.provider.api_key, polygon_base_url=run.provider.base_url,
-    )
     load_ids: list[str] = []
     load_error = None
     try:
-        load_ids = list(run.pipeline.run(source).loads_ids)
+        load_ids = list(run.pipeline.run(options_chains(run.fetcher.completed(futures), on_chain)).loads_ids)
     except PipelineStepFailed as exc:
         load_error = f"load failed at step {exc.step}: {type(exc.exception).__name__}: " + \
             " ".join(str(exc.exception).split())[:300]
@@ -339,29 +389,27 @@ def _check_database(database: dbmod.Database) -> None:
 def ingest_day(run: _Run, day: date, snapshot: datetime, symbols: Sequence[str]) -> DayOutcome:
     """The single-day path: every symbol's chain for `day`, stored under `snapshot`."""
     result = DayOutcome(day, snapshot)
-    refusal = run.provider.refusal(day, run.current)
-    if refusal:
-        log.error("%s refused: %s", day, refusal)
-        result.outcome, result.error = "failed", refusal
+    plan = run.plan(day)
+    if plan.refusal:
+        log.error("%s refused: %s", day, plan.refusal)
+        result.outcome, result.error = "failed", plan.refusal
         return result
-    todo = list(symbols)
-    if not run.args.force:
-        done = completed_symbols(run.work, symbols, snapshot)
-        for symbol, finished in sorted(done.items()):
-            log.debug("%s %s skipped: the ledger says (%s, %s) completed at %s (--force re-fetches)",
-                      day, symbol, symbol, snapshot.isoformat(), finished)
-            result.symbols.append(SymbolOutcome(day, symbol, "skipped"))
-        todo = [s for s in symbols if s not in done]
-    if not todo:
+    for symbol, finished in sorted(plan.done.items()):
+        log.debug("%s %s skipped: the ledger says (%s, %s) completed at %s (--force re-fetches)",
+                  day, symbol, symbol, snapshot.isoformat(), finished)
+        result.symbols.append(SymbolOutcome(day, symbol, "skipped"))
+    if not plan.batches:
         log.info("%s: all %d symbols already completed, skipped", day, len(symbols))
         return result
     dbmod.ensure_partitions(run.work, [snapshot])
     run.work.commit()
-    heartbeat = Heartbeat(log, run.args.heartbeat, len(todo), "symbols")
-    for start in range(0, len(todo), LOAD_BATCH_SYMBOLS):
+    heartbeat = Heartbeat(log, run.args.heartbeat, sum(map(len, plan.batches)), "symbols")
+    for index, batch in enumerate(plan.batches):
         if run.fatal:
             break
-        result.symbols.extend(_load_batch(run, day, snapshot, todo[start:start + LOAD_BATCH_SYMBOLS], heartbeat))
+        futures = run.submit(day, batch)
+        run.prefetch_after(day, index)
+        result.symbols.extend(_load_batch(run, day, snapshot, batch, futures, heartbeat))
     attempted = [s for s in result.symbols if s.outcome != "skipped"]
     if run.fatal:
         result.outcome, result.error = "failed", run.fatal
@@ -462,17 +510,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_days(args: argparse.Namespace, database: dbmod.Database, days: list[date], symbols: list[str],
               days_out: list[DayOutcome]) -> int:
+    from .polygon import ChainFetcher
+
     with database.connect(autocommit=True) as lock_conn, dbmod.advisory_lock(lock_conn, "ingest") as got:
         if not got:
             raise dbmod.LockHeld(f"another ingestion holds the 'ingest' lock ({_lock_holder(lock_conn)}): "
                                  "nothing written; try again when it has finished")
         try:
-            with open_provider(args.provider) as provider, database.connect() as work:
+            with (open_provider(args.provider) as provider, database.connect() as work,
+                  ChainFetcher(args.concurrency) as fetcher):
                 run = _Run(args, database, work, provider, ensure_tickers(work, symbols),
-                           _pipeline(database, args), latest_trading_date())
+                           _pipeline(database, args), fetcher, days, symbols, latest_trading_date())
                 work.commit()
                 for day in days:
-                    snapshot = args.snapshot_time or snapshot_time(day)
+                    snapshot = run.snapshot(day)
                     log.info("day %s START snapshot_time=%s", day, snapshot.isoformat())
                     outcome = ingest_day(run, day, snapshot, symbols)
                     days_out.append(outcome)

@@ -254,3 +254,30 @@ def test_source_fetches_in_parallel_and_isolates_a_failing_symbol(simulator, mon
     outcomes = {r.symbol: r.ok for r in seen}
     assert outcomes == {"F": True, "KO": True, "T": False, "PFE": True}
     assert {t for table in tables for t in table.column("ticker_id").to_pylist()} == {"f", "k", "p"}
+
+
+def test_redirects_are_refused_never_followed_with_the_key() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen: list[str] = []
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.path)
+            self.send_response(301)
+            self.send_header("Location", "http://127.0.0.2:9/v3/snapshot/options/F" + self.path[self.path.index("?"):])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = ChainClient(f"http://127.0.0.1:{server.server_port}", "secret-key", FAST).fetch("F", "tid", T)
+    finally:
+        server.shutdown()
+    assert not result.ok and "refused HTTP 301 redirect to http://127.0.0.2:9" in result.error
+    assert len(seen) == 1 and "secret-key" not in result.error

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import date, datetime
+from typing import Optional
 
 import dlt
 import pyarrow as pa
@@ -18,6 +19,7 @@ from . import settings
 from .helpers import (
     ARROW_SCHEMA,
     ChainClient,
+    ChainFetcher,
     ChainResult,
     ProviderError,
     RetryPolicy,
@@ -29,7 +31,7 @@ from .helpers import (
 )
 
 __all__ = [
-    "ChainResult", "PolygonConfiguration", "ProviderError", "RetryPolicy", "SymbolFetchError",
+    "ChainFetcher", "ChainResult", "PolygonConfiguration", "ProviderError", "RetryPolicy", "SymbolFetchError",
     "normalise_page", "options_chains", "pin_next_url", "polygon_configuration", "polygon_source",
 ]
 
@@ -38,15 +40,33 @@ log = logging.getLogger(__name__)
 
 @configspec
 class PolygonConfiguration(BaseConfiguration):
-    """Where the source looks for its settings: `[sources.polygon]` in .dlt/*.toml or, with no
-    section, the documented variables POLYGON_API_KEY and POLYGON_BASE_URL."""
+    """The source's settings, resolved like its arguments: `[sources.polygon]` in .dlt/*.toml,
+    SOURCES__POLYGON__* variables or, with no section, POLYGON_API_KEY and POLYGON_BASE_URL."""
 
-    polygon_api_key: TSecretStrValue = None
+    polygon_api_key: Optional[TSecretStrValue] = None  # noqa: UP045 (dlt reads the hint at runtime)
     polygon_base_url: str = settings.DEFAULT_BASE_URL
+    max_attempts: int = settings.MAX_ATTEMPTS
+    retry_budget: int = settings.RETRY_BUDGET_PER_SYMBOL
+    backoff_factor: float = settings.BACKOFF_FACTOR
+    max_retry_delay: float = settings.MAX_RETRY_DELAY
+    read_timeout: float = settings.READ_TIMEOUT
+
+    def client(self, as_of: date | None = None, pool_size: int = 4) -> ChainClient:
+        """A client for one snapshot day (None: the current chain, the live endpoint's only one)."""
+        if not self.polygon_api_key:
+            raise ValueError("no Polygon API key (POLYGON_API_KEY)")
+        if self.max_attempts < 1 or self.retry_budget < 0:
+            raise ValueError("max_attempts must be >= 1 and retry_budget >= 0")
+        policy = RetryPolicy(max_attempts=self.max_attempts, budget_per_symbol=self.retry_budget,
+                             backoff_factor=self.backoff_factor, max_delay=self.max_retry_delay,
+                             read_timeout=self.read_timeout)
+        extra = {"date": as_of.isoformat()} if as_of else None
+        return ChainClient(self.polygon_base_url, self.polygon_api_key, policy, extra_params=extra,
+                           pool_size=pool_size)
 
 
 def polygon_configuration() -> PolygonConfiguration:
-    """Resolve the key and base URL exactly as `polygon_source` does (raises ConfigFieldMissingException)."""
+    """Resolve the settings exactly as `polygon_source` resolves its arguments."""
     return resolve_configuration(PolygonConfiguration(), sections=("sources", "polygon"))
 
 
@@ -90,13 +110,13 @@ def polygon_source(
         raise ValueError("snapshot_time must be timezone-aware")
     if not 1 <= concurrency <= 32:
         raise ValueError(f"concurrency must be between 1 and 32, not {concurrency}")
-    if max_attempts < 1 or retry_budget < 0:
-        raise ValueError("max_attempts must be >= 1 and retry_budget >= 0")
-    policy = RetryPolicy(max_attempts=max_attempts, budget_per_symbol=retry_budget, backoff_factor=backoff_factor,
-                         max_delay=max_retry_delay, read_timeout=read_timeout)
-    extra = {"date": as_of.isoformat()} if as_of else None
-    client = ChainClient(polygon_base_url, polygon_api_key, policy, extra_params=extra, pool_size=concurrency)
-    return options_chains(client, symbols, snapshot_time, concurrency, on_chain)
+    config = PolygonConfiguration(
+        polygon_api_key=polygon_api_key, polygon_base_url=polygon_base_url, max_attempts=max_attempts,
+        retry_budget=retry_budget, backoff_factor=backoff_factor, max_retry_delay=max_retry_delay,
+        read_timeout=read_timeout,
+    )
+    client = config.client(as_of, pool_size=concurrency)
+    return options_chains(iter_results(client, symbols, snapshot_time, concurrency), on_chain)
 
 
 @dlt.resource(
@@ -110,23 +130,30 @@ def polygon_source(
     file_format="csv",
 )
 def options_chains(
-    client: ChainClient,
-    symbols: Mapping[str, str],
-    snapshot_time: datetime,
-    concurrency: int,
-    on_chain: Callable[[ChainResult], None] | None,
+    chains: Iterable[ChainResult],
+    on_chain: Callable[[ChainResult], None] | None = None,
 ) -> Iterator[pa.Table]:
-    """Yields each successfully fetched symbol's pages (deduplicated) as Arrow tables."""
+    """Yields each successfully fetched symbol's chain (deduplicated) as one Arrow table whose
+    chunks are its pages.
+
+    Args:
+        chains: fetch results (helpers.iter_results, or a ChainFetcher's that runs ahead).
+        on_chain: called with each result before its rows are yielded; without it failures are
+            logged and a provider failure raises once the symbols already fetched are yielded.
+    """
     emitted: set[str] = set()  # a MERGE may touch a row once: a contract goes in once per load
     fatal: str | None = None
-    for result in iter_results(client, symbols, snapshot_time, concurrency):
+    for result in chains:
         if result.ok:
             result.tables, result.duplicates = dedupe_pages(result.tables, emitted)
         if on_chain is not None:
             on_chain(result)
         elif not result.ok:
             log.error("%s: %s", result.symbol, result.error)
-            fatal = fatal or (result.error if result.fatal else None)
-        yield from result.tables
+            fatal = fatal or (result.error if result.fatal and result.attempted else None)
+        if result.tables:
+            # One table per symbol, its pages as chunks: dlt computes and validates the table
+            # schema once per item, which costs more than the data for a 250-row page.
+            yield pa.concat_tables(result.tables)
     if fatal:
         raise ProviderError(fatal)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -396,6 +398,10 @@ def _read_response(response: requests.Response, *args: Any, **kwargs: Any) -> No
     JSON once (dlt's extractor and paginator both ask for it) and check its shape."""
     if response.status_code >= 400:
         raise requests.HTTPError(f"HTTP {response.status_code}", response=response)
+    if response.is_redirect:  # never followed: the key would go wherever the Location points
+        target = urlsplit(response.headers.get("Location", ""))
+        raise SymbolFetchError(f"refused HTTP {response.status_code} redirect to {target.scheme}://{target.netloc}"
+                               f"{target.path} (set POLYGON_BASE_URL to the API's own origin)")
     try:
         body = loadb(response.content)
     except ValueError:
@@ -472,7 +478,8 @@ class ChainClient:
         params = {"limit": settings.PAGE_LIMIT, **self.extra_params}
         tables: list[pa.Table] = []
         try:
-            for page in client.paginate(path, params=params, hooks={"response": [_read_response]}):
+            pages = client.paginate(path, params=params, hooks={"response": [_read_response]}, allow_redirects=False)
+            for page in pages:
                 result.pages += 1
                 table, rejected = normalise_page(page, ticker_id, snapshot_time)
                 tables.append(table)
@@ -507,38 +514,60 @@ class ChainClient:
         return result
 
 
-def iter_results(client: ChainClient, symbols: Mapping[str, str], snapshot_time: datetime,
-                 concurrency: int) -> Iterator[ChainResult]:
-    """Fetch symbols in parallel threads and yield each result as it completes.
+class ChainFetcher:
+    """A pool of `concurrency` threads fetching chains in submission order. Callers may submit the
+    next batch (or day) before loading the current one: its fetches start as workers free up, so
+    fetching goes on while a load runs.
 
-    On a ProviderError the symbols not yet started are not fetched: they and the failing one are
-    yielded with `fatal` set, and nothing else is started.
+    On a ProviderError nothing more is started: symbols not yet started come back `fatal`, not
+    attempted, with the cause.
     """
-    import threading
-    from concurrent.futures import ThreadPoolExecutor, as_completed
 
-    stop = threading.Event()
-    fatal: list[str] = []
+    def __init__(self, concurrency: int) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="polygon")
+        self._stop = threading.Event()
+        self.fatal: str | None = None
 
-    def work(symbol: str, ticker_id: str) -> ChainResult:
-        if stop.is_set():
-            return ChainResult(symbol, ticker_id, error=f"not fetched: {fatal[0]}", fatal=True, attempted=False)
+    def submit(self, client: ChainClient, symbols: Mapping[str, str],
+               snapshot_time: datetime) -> list[Future[ChainResult]]:
+        """Queue the symbols' fetches; returns their futures in symbol order."""
+        return [self._pool.submit(self._work, client, symbol, ticker_id, snapshot_time)
+                for symbol, ticker_id in symbols.items()]
+
+    def _work(self, client: ChainClient, symbol: str, ticker_id: str, snapshot_time: datetime) -> ChainResult:
+        if self._stop.is_set():
+            return ChainResult(symbol, ticker_id, error=f"not fetched: {self.fatal or 'the run stopped'}",
+                               fatal=True, attempted=False)
         try:
             return client.fetch(symbol, ticker_id, snapshot_time)
         except ProviderError as exc:
-            fatal.append(str(exc))
-            stop.set()
+            self.fatal = self.fatal or str(exc)
+            self._stop.set()
             return ChainResult(symbol, ticker_id, error=str(exc), fatal=True)
         except Exception as exc:  # a bug or an unexpected library error: this symbol only
             log.debug("%s: unexpected error", symbol, exc_info=True)
             return ChainResult(symbol, ticker_id, error=sanitize(f"{type(exc).__name__}: {exc}", client._api_key))
 
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="polygon") as pool:
-        futures = [pool.submit(work, symbol, ticker_id) for symbol, ticker_id in symbols.items()]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        finally:
-            stop.set()  # the consumer went away: start nothing new
-            if not fatal:
-                fatal.append("the run stopped")
+    @staticmethod
+    def completed(futures: Iterable[Future[ChainResult]]) -> Iterator[ChainResult]:
+        """Results in order of completion."""
+        for future in as_completed(list(futures)):
+            yield future.result()
+
+    def close(self) -> None:
+        """Start nothing new; wait for the fetches in flight."""
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ChainFetcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def iter_results(client: ChainClient, symbols: Mapping[str, str], snapshot_time: datetime,
+                 concurrency: int) -> Iterator[ChainResult]:
+    """Fetch symbols in parallel threads and yield each result as it completes."""
+    with ChainFetcher(concurrency) as fetcher:
+        yield from fetcher.completed(fetcher.submit(client, symbols, snapshot_time))
