@@ -214,6 +214,11 @@ def test_unreachable_provider_fails_the_run(database, db_url, monkeypatch) -> No
     assert code == 1 and "unreachable" in summary["error"]
 
 
+def test_an_unreachable_database_fails_the_run(caplog) -> None:
+    assert cli.main(["ingest", "--provider", "simulator", "--db-url", "postgresql://u:p@127.0.0.1:9/x"]) == 1
+    assert "cannot connect to database 'x'" in caplog.text and "Traceback" not in caplog.text
+
+
 def test_a_second_run_exits_3_at_once_having_written_nothing(database, db_url, caplog) -> None:
     watch(database, ("a", "F"))
     with database.connect(autocommit=True) as other, dbmod.advisory_lock(other, "ingest") as held:
