@@ -8,8 +8,7 @@ contracts as (
 
 ),
 
--- Contracts sharing a delta count once, at the mean of their IVs.
-delta_points as (
+smile_contracts as (
 
     select
         ticker_id,
@@ -18,7 +17,7 @@ delta_points as (
         dte_days,
         option_type,
         delta,
-        avg(implied_volatility) as implied_volatility
+        implied_volatility
     from contracts
     where
         is_iv_valid
@@ -27,7 +26,6 @@ delta_points as (
             (option_type = 'C' and delta > 0 and delta < 1)
             or (option_type = 'P' and delta > -1 and delta < 0)
         )
-    group by ticker_id, as_of_date, expiration_date, dte_days, option_type, delta
 
 ),
 
@@ -47,36 +45,67 @@ targets as (
 
 ),
 
+-- The nearest deltas either side of each target, per expiry.
 brackets as (
 
     select
-        delta_points.ticker_id,
-        delta_points.as_of_date,
-        delta_points.expiration_date,
-        delta_points.dte_days,
+        smile_contracts.ticker_id,
+        smile_contracts.as_of_date,
+        smile_contracts.expiration_date,
+        smile_contracts.dte_days,
+        smile_contracts.option_type,
         targets.target_name,
         targets.target_delta,
-        max(delta_points.delta)
-        filter (where delta_points.delta <= targets.target_delta) as delta_lo,
-        min(delta_points.delta)
-        filter (where delta_points.delta >= targets.target_delta) as delta_hi,
-        (
-            array_agg(delta_points.implied_volatility order by delta_points.delta desc)
-            filter (where delta_points.delta <= targets.target_delta)
-        )[1] as iv_lo,
-        (
-            array_agg(delta_points.implied_volatility order by delta_points.delta)
-            filter (where delta_points.delta >= targets.target_delta)
-        )[1] as iv_hi
-    from delta_points
-    inner join targets on delta_points.option_type = targets.option_type
+        max(smile_contracts.delta)
+        filter (where smile_contracts.delta <= targets.target_delta) as delta_lo,
+        min(smile_contracts.delta)
+        filter (where smile_contracts.delta >= targets.target_delta) as delta_hi
+    from smile_contracts
+    inner join targets on smile_contracts.option_type = targets.option_type
     group by
-        delta_points.ticker_id,
-        delta_points.as_of_date,
-        delta_points.expiration_date,
-        delta_points.dte_days,
+        smile_contracts.ticker_id,
+        smile_contracts.as_of_date,
+        smile_contracts.expiration_date,
+        smile_contracts.dte_days,
+        smile_contracts.option_type,
         targets.target_name,
         targets.target_delta
+
+),
+
+-- The IV at each bracketing delta: the mean over the contracts sharing that delta.
+bracket_ivs as (
+
+    select
+        brackets.ticker_id,
+        brackets.as_of_date,
+        brackets.expiration_date,
+        brackets.dte_days,
+        brackets.target_name,
+        brackets.target_delta,
+        brackets.delta_lo,
+        brackets.delta_hi,
+        avg(smile_contracts.implied_volatility)
+        filter (where smile_contracts.delta = brackets.delta_lo) as iv_lo,
+        avg(smile_contracts.implied_volatility)
+        filter (where smile_contracts.delta = brackets.delta_hi) as iv_hi
+    from brackets
+    inner join smile_contracts
+        on
+            brackets.ticker_id = smile_contracts.ticker_id
+            and brackets.as_of_date = smile_contracts.as_of_date
+            and brackets.expiration_date = smile_contracts.expiration_date
+            and brackets.option_type = smile_contracts.option_type
+            and smile_contracts.delta in (brackets.delta_lo, brackets.delta_hi)
+    group by
+        brackets.ticker_id,
+        brackets.as_of_date,
+        brackets.expiration_date,
+        brackets.dte_days,
+        brackets.target_name,
+        brackets.target_delta,
+        brackets.delta_lo,
+        brackets.delta_hi
 
 ),
 
@@ -95,7 +124,7 @@ interpolated as (
                 iv_lo
                 + (iv_hi - iv_lo) * (target_delta - delta_lo) / (delta_hi - delta_lo)
         end as implied_volatility
-    from brackets
+    from bracket_ivs
 
 ),
 

@@ -32,13 +32,14 @@ tickers as (
 
 ),
 
-options_chains as (
+-- Not materialized: used twice, it must still be inlined so that every lookup is an index scan.
+options_chains as not materialized (
 
     select * from {{ ref('stg_options_chains') }}
 
 ),
 
-daily_snapshots as (
+daily_snapshots as not materialized (
 
     select * from {{ ref('stg_daily_snapshots') }}
 

@@ -1,38 +1,26 @@
--- Plain column renames only: no expression on time or ticker_id, so that lookups through this
--- view keep using the (ticker_id, time) index of every partition.
-with
+-- Plain renames in a single select, without the usual source/renamed CTEs: PostgreSQL does not
+-- flatten a view that has CTEs into the query using it, and only a flattened view lets
+-- `max(snapshot_at)` / `order by ... limit 1` lookups run as backward index scans on
+-- (ticker_id, time) in every partition instead of reading all of a ticker's rows.
+select
 
-source as (
+    ----------  ids
+    ticker_id,
+    contract_ticker,
 
-    select * from {{ source('kapman', 'options_chains') }}
+    ---------- contract
+    option_type,
+    expiration_date,
+    strike_price,
 
-),
+    ---------- greeks and activity
+    implied_volatility,
+    delta,
+    open_interest,
+    volume,
+    underlying_price,
 
-renamed as (
+    ---------- timestamps
+    time as snapshot_at
 
-    select
-
-        ----------  ids
-        ticker_id,
-        contract_ticker,
-
-        ---------- contract
-        option_type,
-        expiration_date,
-        strike_price,
-
-        ---------- greeks and activity
-        implied_volatility,
-        delta,
-        open_interest,
-        volume,
-        underlying_price,
-
-        ---------- timestamps
-        time as snapshot_at
-
-    from source
-
-)
-
-select * from renamed
+from {{ source('kapman', 'options_chains') }}
