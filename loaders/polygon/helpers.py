@@ -444,7 +444,6 @@ class ChainResult:
         return self.error is None
 
 
-
 class ChainClient:
     """Fetches whole option chains from one configured origin with one key; thread-safe."""
 
