@@ -49,6 +49,10 @@ def _write_watchlist() -> Path:
     return path
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs the four steps, prints the per-symbol table and says twice that the data is simulated."""
     out = sys.stdout
@@ -67,23 +71,23 @@ def run(args: argparse.Namespace) -> int:
         built.append(report.build(database, Path(args.output), simulated=True))
         return 0
 
-    steps: list[tuple[str, Callable[[], int]]] = [
-        ("loading the demo watchlist", lambda: cli.main(["watchlists", "load", str(_write_watchlist()), "--db-url", url])),
-        ("ingesting simulated option chains over HTTP",
+    steps: list[tuple[str, str, Callable[[], int]]] = [
+        ("watchlist", "loading the demo watchlist", lambda: cli.main(["watchlists", "load", str(_write_watchlist()), "--db-url", url])),
+        ("ingest", "ingesting simulated option chains over HTTP",
          lambda: cli.main(["ingest", "--provider", "simulator", *span, "--concurrency", "4", "--db-url", url])),
-        ("computing volatility metrics (dbt)", lambda: cli.main(["metrics", *span, "--db-url", url])),
-        ("writing the report", make_report),
+        ("metrics", "computing volatility metrics (dbt)", lambda: cli.main(["metrics", *span, "--db-url", url])),
+        ("report", "writing the report", make_report),
     ]
     timings: list[str] = []
-    for number, (what, step) in enumerate(steps, 1):
+    for number, (name, what, step) in enumerate(steps, 1):
         log.log(SUMMARY, "[%d/%d] %s", number, len(steps), what)
         step_started = time.monotonic()
         code = step()
         seconds = time.monotonic() - step_started
-        timings.append(f"{what.split()[0]} {seconds:.1f}s")
+        timings.append(f"{name} {_duration(seconds)}")
         if code != 0:
             log.error("[%d/%d] %s failed (exit %d): the demo stops here", number, len(steps), what, code)
-            out.write(f"\n{NOTICE}\nThe demo did not finish: step {number} ({what}) failed.\n")
+            out.write(f"\nThe demo did not finish: step {number} ({what}) failed.\n\n{NOTICE}\n")
             return code
         log.log(SUMMARY, "[%d/%d] done in %.1f s", number, len(steps), seconds)
 
@@ -93,6 +97,6 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - started
     out.write(
         f"\nReport: {result.html_path.resolve()} (charts: {len(result.png_paths)} PNG files beside it)\n"
-        f"Finished in {elapsed:.0f} s ({', '.join(timings)}).\n\n{NOTICE}\n"
+        f"Finished in {_duration(elapsed)} ({', '.join(timings)}).\n\n{NOTICE}\n"
     )
     return 0
