@@ -331,7 +331,8 @@ def _log_row(row: Published, debug: bool) -> None:
         log.info("%s %s: latest options snapshot is from %s (stale)", row.symbol, row.as_of,
                  row.document.get("options_snapshot_time"))
     if debug:
-        metrics = " ".join(f"{k}={v}" for k, v in row.document.get("metrics", {}).items())
+        values = row.document.get("metrics", {})
+        metrics = " ".join(f"{k}={values[k]}" for k in sorted(values))
         log.debug("%s %s %s %s counts=%s diagnostics=%s", row.symbol, row.as_of, row.status, metrics,
                   row.document.get("counts"), ",".join(row.diagnostics) or "-")
 
