@@ -279,7 +279,7 @@ def _metrics_table(latest: dict[str, Snapshot], anchors: dict[str, str]) -> str:
         diagnostics = html.escape(", ".join(snap.diagnostics)) or "—"
         rows.append(
             f'<tr><td><a href="#{anchors[symbol]}">{html.escape(symbol)}</a></td><td>{_status_badge(snap.status)}</td>'
-            f"<td>{snap.day.isoformat()}</td>{cells}<td>{snap.counts.get('contracts', '—')}</td>"
+            f"<td>{snap.day.isoformat()}</td>{cells}<td>{html.escape(str(snap.counts.get('contracts', '—')))}</td>"
             f'<td class="diag">{diagnostics}</td></tr>'
         )
     return (
