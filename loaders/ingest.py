@@ -100,6 +100,7 @@ class Provider:
     name: str
     config: Any  # polygon.PolygonConfiguration: origin, key, retry settings
     historical: bool
+    limiter: Any = None  # polygon.RateLimiter: the plan's request limit, shared by every fetch of the run
 
     def refusal(self, day: date, current: date) -> str | None:
         """Why this provider cannot give day's chain (None: it can)."""
@@ -126,13 +127,24 @@ def open_provider(name: str) -> Iterator[Provider]:
         with SimulatorServer(Market(seed), api_key=config.polygon_api_key) as server:
             config.polygon_base_url = server.base_url
             log.info("simulator (seed %d) serving SIMULATED chains on %s", seed, server.base_url)
-            yield Provider("simulator", config, historical=True)
+            yield Provider("simulator", config, historical=True, limiter=_rate_limiter(config))
         return
     if not config.polygon_api_key:
         raise IngestError("POLYGON_API_KEY is not set: the polygon provider refuses to start without it "
                           "(or use --provider simulator)")
     register_secret(config.polygon_api_key)
-    yield Provider("polygon", config, historical=False)
+    yield Provider("polygon", config, historical=False, limiter=_rate_limiter(config))
+
+
+def _rate_limiter(config: Any) -> Any:
+    """One limiter for the whole run (every worker, every day), or None without a limit."""
+    try:
+        limiter = config.rate_limiter()
+    except ValueError as exc:
+        raise IngestError(f"invalid request limit: {exc}") from None
+    if limiter is not None:
+        log.info("client-side rate limit: %g requests/minute, shared by all workers", limiter.requests_per_minute)
+    return limiter
 
 
 # --- outcomes -----------------------------------------------------------------------------------
@@ -291,7 +303,8 @@ class _Run:
         self.work.commit()
         as_of = day if self.provider.historical else None
         if as_of not in self.clients:
-            self.clients[as_of] = self.provider.config.client(as_of, pool_size=self.args.concurrency)
+            self.clients[as_of] = self.provider.config.client(as_of, pool_size=self.args.concurrency,
+                                                              limiter=self.provider.limiter)
         return self.fetcher.submit(self.clients[as_of], {s: self.ticker_ids[s] for s in batch}, snapshot)
 
 

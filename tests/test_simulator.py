@@ -418,6 +418,17 @@ def test_fault_5xx_burst(simulator: SimulatorServer) -> None:
         Fault(status_5xx_code=404)
 
 
+def test_rate_limit_answers_429_over_the_plans_rate(market: Market) -> None:
+    with SimulatorServer(market, api_key=KEY, rate_limit=(3, 0.5)) as server:
+        assert [_get(server, "AAPL").status_code for _ in range(4)] == [200, 200, 200, 429]
+        assert _get(server, "MSFT").status_code == 429  # one limit for the key, every symbol
+        assert server.rate_limited == 2
+        limited = _get(server, "AAPL")
+        assert limited.headers["Retry-After"] == "1" and "exceeded" in limited.json()["error"]
+        time.sleep(0.55)  # the window has slid past the served requests
+        assert _get(server, "AAPL").status_code == 200
+
+
 def test_fault_hang_past_the_client_timeout(simulator: SimulatorServer) -> None:
     simulator.set_fault("AAPL", Fault(hang_s=5, times=1))
     with pytest.raises(requests.Timeout):

@@ -22,6 +22,7 @@ from .helpers import (
     ChainFetcher,
     ChainResult,
     ProviderError,
+    RateLimiter,
     RetryPolicy,
     SymbolFetchError,
     dedupe_pages,
@@ -31,8 +32,9 @@ from .helpers import (
 )
 
 __all__ = [
-    "ChainFetcher", "ChainResult", "PolygonConfiguration", "ProviderError", "RetryPolicy", "SymbolFetchError",
-    "normalise_page", "options_chains", "pin_next_url", "polygon_configuration", "polygon_source",
+    "ChainFetcher", "ChainResult", "PolygonConfiguration", "ProviderError", "RateLimiter", "RetryPolicy",
+    "SymbolFetchError", "normalise_page", "options_chains", "pin_next_url", "polygon_configuration",
+    "polygon_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -41,7 +43,9 @@ log = logging.getLogger(__name__)
 @configspec
 class PolygonConfiguration(BaseConfiguration):
     """The source's settings, resolved like its arguments: `[sources.polygon]` in .dlt/*.toml,
-    SOURCES__POLYGON__* variables or, with no section, POLYGON_API_KEY and POLYGON_BASE_URL."""
+    SOURCES__POLYGON__* variables or, with no section, POLYGON_API_KEY and POLYGON_BASE_URL.
+    The plan's request limit is `requests_per_minute` (SOURCES__POLYGON__REQUESTS_PER_MINUTE) or,
+    named like the key, `polygon_requests_per_minute` (POLYGON_REQUESTS_PER_MINUTE)."""
 
     polygon_api_key: Optional[TSecretStrValue] = None  # noqa: UP045 (dlt reads the hint at runtime)
     polygon_base_url: str = settings.DEFAULT_BASE_URL
@@ -50,9 +54,21 @@ class PolygonConfiguration(BaseConfiguration):
     backoff_factor: float = settings.BACKOFF_FACTOR
     max_retry_delay: float = settings.MAX_RETRY_DELAY
     read_timeout: float = settings.READ_TIMEOUT
+    requests_per_minute: Optional[float] = None  # noqa: UP045 (None: no client-side limit)
+    polygon_requests_per_minute: Optional[float] = None  # noqa: UP045 (the same, as POLYGON_REQUESTS_PER_MINUTE)
 
-    def client(self, as_of: date | None = None, pool_size: int = 4) -> ChainClient:
-        """A client for one snapshot day (None: the current chain, the live endpoint's only one)."""
+    def rate_limiter(self) -> RateLimiter | None:
+        """A new limiter for the configured request limit (None: unlimited). Share one per run:
+        the plan's limit counts every request of the key."""
+        limit = self.requests_per_minute
+        if limit is None:
+            limit = self.polygon_requests_per_minute
+        return None if limit is None else RateLimiter(limit)
+
+    def client(self, as_of: date | None = None, pool_size: int = 4,
+               limiter: RateLimiter | None = None) -> ChainClient:
+        """A client for one snapshot day (None: the current chain, the live endpoint's only one);
+        without a limiter, one of its own for the configured limit."""
         if not self.polygon_api_key:
             raise ValueError("no Polygon API key (POLYGON_API_KEY)")
         if self.max_attempts < 1 or self.retry_budget < 0:
@@ -62,7 +78,7 @@ class PolygonConfiguration(BaseConfiguration):
                              read_timeout=self.read_timeout)
         extra = {"date": as_of.isoformat()} if as_of else None
         return ChainClient(self.polygon_base_url, self.polygon_api_key, policy, extra_params=extra,
-                           pool_size=pool_size)
+                           pool_size=pool_size, limiter=limiter or self.rate_limiter())
 
 
 def polygon_configuration() -> PolygonConfiguration:
@@ -84,6 +100,7 @@ def polygon_source(
     backoff_factor: float = settings.BACKOFF_FACTOR,
     max_retry_delay: float = settings.MAX_RETRY_DELAY,
     read_timeout: float = settings.READ_TIMEOUT,
+    requests_per_minute: float | None = None,
 ) -> DltResource:
     """Full option chains of some underlyings, one snapshot.
 
@@ -102,6 +119,7 @@ def polygon_source(
         backoff_factor: first backoff in seconds, doubling per attempt (Retry-After wins).
         max_retry_delay: cap of one backoff, Retry-After included.
         read_timeout: seconds to wait for a response.
+        requests_per_minute: the plan's request limit, kept by all fetch threads together (None: none).
 
     Returns:
         The `options_chains` resource.
@@ -113,7 +131,7 @@ def polygon_source(
     config = PolygonConfiguration(
         polygon_api_key=polygon_api_key, polygon_base_url=polygon_base_url, max_attempts=max_attempts,
         retry_budget=retry_budget, backoff_factor=backoff_factor, max_retry_delay=max_retry_delay,
-        read_timeout=read_timeout,
+        read_timeout=read_timeout, requests_per_minute=requests_per_minute,
     )
     client = config.client(as_of, pool_size=concurrency)
     return options_chains(iter_results(client, symbols, snapshot_time, concurrency), on_chain)

@@ -8,7 +8,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -340,6 +340,29 @@ class RetryPolicy:
     read_timeout: float = settings.READ_TIMEOUT
 
 
+class RateLimiter:
+    """A plan's request limit kept on our side: requests start at least 60/requests_per_minute
+    seconds apart, whichever thread sends them (retries included). Thread-safe: share one per key."""
+
+    def __init__(self, requests_per_minute: float) -> None:
+        if not requests_per_minute > 0:
+            raise ValueError(f"requests_per_minute must be > 0, not {requests_per_minute}")
+        self.requests_per_minute = requests_per_minute
+        self.interval = 60.0 / requests_per_minute
+        self._lock = threading.Lock()
+        self._next = 0.0  # time.monotonic() of the next free slot
+
+    def wait(self) -> float:
+        """Block until this caller's slot; returns the seconds waited."""
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+        return slot - now
+
+
 class _Budget(stop_base):
     """Stops retrying once a symbol has used its retries (shared by all of its requests)."""
 
@@ -356,9 +379,10 @@ def _describe(outcome_exc: BaseException | None) -> str:
     return type(outcome_exc).__name__ if outcome_exc else "error"
 
 
-def _session(symbol: str, policy: RetryPolicy, adapter: HTTPAdapter) -> Session:
+def _session(symbol: str, policy: RetryPolicy, adapter: HTTPAdapter, limiter: RateLimiter | None = None) -> Session:
     """A session whose `send` retries 429/5xx/timeouts/connection errors with backoff (honouring
-    Retry-After, capped by max_delay), at most max_attempts per request and budget_per_symbol in all."""
+    Retry-After, capped by max_delay), at most max_attempts per request and budget_per_symbol in all;
+    every attempt waits for its slot of the limiter, if any."""
     session = Session(timeout=(policy.connect_timeout, policy.read_timeout), raise_for_status=False)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -378,8 +402,19 @@ def _session(symbol: str, policy: RetryPolicy, adapter: HTTPAdapter) -> Session:
         before_sleep=before_sleep,
         reraise=True,
     )
-    session.send = retrying.wraps(session.send)  # type: ignore[method-assign]
+    send = session.send if limiter is None else _limited(session.send, limiter)
+    session.send = retrying.wraps(send)  # type: ignore[method-assign]
     return session
+
+
+def _limited(send: Callable[..., requests.Response], limiter: RateLimiter) -> Callable[..., requests.Response]:
+    """`send`, each call (each attempt) waiting for its slot of the limiter first."""
+
+    def limited_send(request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        limiter.wait()
+        return send(request, **kwargs)
+
+    return limited_send
 
 
 def _unreachable(exc: requests.ConnectionError) -> bool:
@@ -448,7 +483,8 @@ class ChainClient:
     """Fetches whole option chains from one configured origin with one key; thread-safe."""
 
     def __init__(self, base_url: str, api_key: str, policy: RetryPolicy | None = None,
-                 extra_params: Mapping[str, str] | None = None, pool_size: int = 32) -> None:
+                 extra_params: Mapping[str, str] | None = None, pool_size: int = 32,
+                 limiter: RateLimiter | None = None) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.origin = "{0.scheme}://{0.netloc}".format(urlsplit(base_url))
         self.policy = policy or RetryPolicy()
@@ -457,6 +493,7 @@ class ChainClient:
         self._api_key = api_key
         self._adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
         self._config = RuntimeConfiguration()
+        self.limiter = limiter  # shared with every other client of the same key
 
     def fetch(self, symbol: str, ticker_id: str, snapshot_time: datetime) -> ChainResult:
         """Fetch every page of the symbol's chain and normalise it.
@@ -471,7 +508,8 @@ class ChainClient:
         result = ChainResult(symbol=symbol, ticker_id=ticker_id)
         client = RESTClient(
             base_url=self.base_url, auth=self._auth, paginator=PinnedLinkPaginator(self.base_url),
-            data_selector="results", session=_session(symbol, self.policy, self._adapter), config=self._config,
+            data_selector="results", session=_session(symbol, self.policy, self._adapter, self.limiter),
+            config=self._config,
         )
         path = settings.SNAPSHOT_PATH.format(underlying=quote(symbol, safe=""))
         params = {"limit": settings.PAGE_LIMIT, **self.extra_params}

@@ -28,6 +28,8 @@ _PATH_RE = re.compile(r"^/v3/snapshot/options/([^/]+)$")
 _DEFAULT_LIMIT = 10
 _HTML = (b"<!DOCTYPE html><html><head><title>503 Service Temporarily Unavailable</title></head>"
          b"<body><h1>Service Temporarily Unavailable</h1><p>Please try again later.</p></body></html>")
+_TOO_MANY = ("You've exceeded the maximum requests per minute, please wait or upgrade your subscription "
+             "to continue. https://polygon.io/pricing")
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,8 @@ class SimulatorServer:
 
     def __init__(self, market: Market | None = None, *, api_key: str = "sim-key",
                  host: str = "127.0.0.1", port: int = 0, today: date | None = None,
-                 not_entitled: Collection[str] = frozenset(), max_limit: int = 250) -> None:
+                 not_entitled: Collection[str] = frozenset(), max_limit: int = 250,
+                 rate_limit: tuple[int, float] | None = None) -> None:
         """Args:
         market: the market to serve (default Market(seed=42)).
         api_key: the only key accepted (query `apiKey` or `Authorization: Bearer`).
@@ -169,6 +172,9 @@ class SimulatorServer:
         today: the date served without `date=`; default the current date in New York.
         not_entitled: underlyings answered with 403, as for a plan without them.
         max_limit: the largest `limit` accepted (Polygon: 250).
+        rate_limit: (n, seconds): a plan's request limit. A request arriving when n requests were
+            already served in the last `seconds` gets a 429 (counted in `rate_limited`), as the
+            real API answers a key over its plan's rate (free tier: (5, 60)).
         """
         self.market = market or Market()
         self.api_key = api_key
@@ -176,6 +182,9 @@ class SimulatorServer:
         self.today = today
         self.not_entitled = frozenset(not_entitled)
         self.max_limit = max_limit
+        self.rate_limit = rate_limit
+        self.rate_limited = 0  # 429s sent because of rate_limit
+        self._served: deque[float] = deque()  # arrival times (monotonic) of requests within rate_limit
         self._lock = threading.Lock()
         # Bounded: a long `kapman simulator serve` session must not grow without limit.
         self._requests: deque[RequestRecord] = deque(maxlen=100_000)
@@ -273,6 +282,11 @@ class SimulatorServer:
             error = "API Key was not provided" if not key else "Unknown API Key"
             _send(handler, 401, _json({"status": "ERROR", "request_id": rid, "error": error}))
             return
+        if self._over_rate_limit():
+            window = self.rate_limit[1] if self.rate_limit else 1
+            _send(handler, 429, _json({"status": "ERROR", "request_id": rid, "error": _TOO_MANY}),
+                  headers={"Retry-After": str(max(1, round(window)))})
+            return
         if symbol in self.not_entitled:
             _send(handler, 403, _json({
                 "status": "NOT_AUTHORIZED", "request_id": rid,
@@ -288,10 +302,8 @@ class SimulatorServer:
         fault, action = self._fault_for(symbol, page.number)
         if action == "429":
             headers = {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
-            _send(handler, 429, _json({
-                "status": "ERROR", "request_id": rid,
-                "error": "You've exceeded the maximum requests per minute, please wait or upgrade "
-                         "your subscription to continue. https://polygon.io/pricing"}), headers=headers)
+            _send(handler, 429, _json({"status": "ERROR", "request_id": rid, "error": _TOO_MANY}),
+                  headers=headers)
             return
         if action == "5xx":
             _send(handler, fault.status_5xx_code,
@@ -303,6 +315,21 @@ class SimulatorServer:
                 handler.close_connection = True
                 return
         self._send_page(handler, symbol, page, active)
+
+    def _over_rate_limit(self) -> bool:
+        """Whether this request exceeds rate_limit (sliding window); if not, it counts towards it."""
+        if self.rate_limit is None:
+            return False
+        limit, window = self.rate_limit
+        now = time.monotonic()
+        with self._lock:
+            while self._served and self._served[0] <= now - window:
+                self._served.popleft()
+            if len(self._served) >= limit:
+                self.rate_limited += 1
+                return True
+            self._served.append(now)
+            return False
 
     def _page(self, query: dict[str, str]) -> _Page:
         if "cursor" in query:
