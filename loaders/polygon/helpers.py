@@ -376,6 +376,8 @@ class _Budget(stop_base):
 def _describe(outcome_exc: BaseException | None) -> str:
     if isinstance(outcome_exc, requests.HTTPError) and outcome_exc.response is not None:
         return f"HTTP {outcome_exc.response.status_code}"
+    if isinstance(outcome_exc, requests.exceptions.ChunkedEncodingError):
+        return "truncated response"
     return type(outcome_exc).__name__ if outcome_exc else "error"
 
 
@@ -538,6 +540,10 @@ class ChainClient:
             result.error = f"connection broken after retries: {sanitize(str(exc), self._api_key)}"
         except requests.Timeout as exc:
             result.error = f"timed out after retries: {sanitize(str(exc), self._api_key)}"
+        except requests.exceptions.ChunkedEncodingError as exc:  # the body stopped short of its length
+            cause = exc.args[0] if exc.args else exc
+            detail = cause.args[0] if isinstance(cause, Exception) and cause.args else cause
+            result.error = f"truncated response after retries: {sanitize(str(detail), self._api_key)}"
         except (requests.RequestException, ValueError) as exc:  # JSON errors are ValueErrors
             result.error = f"unreadable response: {sanitize(str(exc), self._api_key)}"
         except SymbolFetchError as exc:
