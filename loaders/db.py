@@ -115,7 +115,8 @@ class Database:
                 conn.commit()
         except BaseException:
             if not autocommit and not conn.closed:
-                conn.rollback()
+                with contextlib.suppress(psycopg2.Error):  # a lost server: the first error is the news
+                    conn.rollback()
             raise
         finally:
             conn.close()
@@ -219,7 +220,8 @@ def advisory_lock(conn: psycopg2.extensions.connection, name: str) -> Iterator[b
         yield got
     finally:
         if got and not conn.closed:
-            with conn.cursor() as cur:
+            # A lost session has lost its lock too: the error that lost it is the one to report.
+            with contextlib.suppress(psycopg2.Error), conn.cursor() as cur:
                 cur.execute("select pg_advisory_unlock(%s)", (LOCK_IDS[name],))
 
 
