@@ -74,7 +74,7 @@ def select_symbols(conn: psycopg2.extensions.connection, requested: Sequence[str
         listed &= wanted
     symbols = []
     for symbol in sorted(listed):
-        if SYMBOL_RE.match(symbol):
+        if SYMBOL_RE.fullmatch(symbol):  # not match: `$` also matches before a trailing line break
             symbols.append(symbol)
         else:
             log.warning("skipping %r: not a plausible ticker symbol", symbol)
