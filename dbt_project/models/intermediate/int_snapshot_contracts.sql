@@ -1,7 +1,8 @@
-{{ config(materialized='view') }}
-
 -- The contracts of each chosen options snapshot that have not expired (DTE >= 0), with the
 -- inputs every metric shares: DTE from the trading date, IV validity, null activity as 0.
+-- A lateral lookup per snapshot keeps the read on the (ticker_id, time) index whatever the
+-- planner thinks of options_chains (its statistics lag right after an ingestion); a table, so
+-- that the models below plan on this run's real row counts.
 with
 
 options_snapshots as (
@@ -10,7 +11,7 @@ options_snapshots as (
 
 ),
 
-options_chains as (
+options_chains as not materialized (
 
     select * from {{ ref('stg_options_chains') }}
 
@@ -21,25 +22,35 @@ contracts as (
     select
         options_snapshots.ticker_id,
         options_snapshots.as_of_date,
-        options_chains.contract_ticker,
-        options_chains.option_type,
-        options_chains.expiration_date,
-        options_chains.expiration_date - options_snapshots.as_of_date as dte_days,
-        options_chains.implied_volatility,
-        options_chains.delta,
-        coalesce(options_chains.open_interest, 0) as open_interest,
-        coalesce(options_chains.volume, 0) as volume,
+        snapshot_contracts.contract_ticker,
+        snapshot_contracts.option_type,
+        snapshot_contracts.expiration_date,
+        snapshot_contracts.expiration_date - options_snapshots.as_of_date as dte_days,
+        snapshot_contracts.implied_volatility,
+        snapshot_contracts.delta,
+        coalesce(snapshot_contracts.open_interest, 0) as open_interest,
+        coalesce(snapshot_contracts.volume, 0) as volume,
         coalesce(
-            options_chains.implied_volatility > 0
-            and options_chains.implied_volatility <= 5,
+            snapshot_contracts.implied_volatility > 0
+            and snapshot_contracts.implied_volatility <= 5,
             false
         ) as is_iv_valid
     from options_snapshots
-    inner join options_chains
-        on
-            options_snapshots.ticker_id = options_chains.ticker_id
-            and options_snapshots.options_snapshot_at = options_chains.snapshot_at
-    where options_chains.expiration_date >= options_snapshots.as_of_date
+    cross join lateral (  -- noqa: ST05
+        select
+            options_chains.contract_ticker,
+            options_chains.option_type,
+            options_chains.expiration_date,
+            options_chains.implied_volatility,
+            options_chains.delta,
+            options_chains.open_interest,
+            options_chains.volume
+        from options_chains
+        where
+            options_chains.ticker_id = options_snapshots.ticker_id
+            and options_chains.snapshot_at = options_snapshots.options_snapshot_at
+            and options_chains.expiration_date >= options_snapshots.as_of_date
+    ) as snapshot_contracts
 
 )
 
