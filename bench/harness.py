@@ -47,6 +47,26 @@ class PgServer:
             self.admin = dbmod.Database.from_url(self._server.get_uri())
         self._created: list[str] = []
 
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds the embedded server has used so far, all of its processes (None for an
+        external server): the postmaster, its live backends and the ones that have exited."""
+        if self._server is None:
+            return None
+        import psutil
+
+        try:
+            pid = int((self.workdir / "pgdata" / "postmaster.pid").read_text().split()[0])
+            postmaster = psutil.Process(pid)
+            own = postmaster.cpu_times()
+            total = own.user + own.system + own.children_user + own.children_system
+            for child in postmaster.children():
+                with contextlib.suppress(psutil.Error):
+                    times = child.cpu_times()
+                    total += times.user + times.system
+            return total
+        except (OSError, ValueError, psutil.Error):
+            return None
+
     def version(self) -> str:
         with self.admin.connect() as conn, conn.cursor() as cur:
             cur.execute("show server_version")
@@ -152,6 +172,7 @@ class ChildRun:
     returncode: int
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float  # user + system of the child itself
     log_path: Path
 
     def tail(self, lines: int = 15) -> str:
@@ -168,7 +189,8 @@ def run_child(args: Sequence[str], log_path: Path, env: dict[str, str] | None = 
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
-    return ChildRun(process.returncode, wall, usage.ru_maxrss / 1024, log_path)
+    return ChildRun(process.returncode, wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime,
+                    log_path)
 
 
 def kapman(args: Sequence[str], database: dbmod.Database, workdir: Path, log_name: str,

@@ -32,6 +32,8 @@ class Run:
     wall_s: float
     peak_rss_mb: float
     server_cpu_s: float
+    cpu_s: float = 0.0  # the loader process
+    db_cpu_s: float | None = None  # PostgreSQL, all processes (embedded server only)
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -62,17 +64,19 @@ def run_project(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: i
     add_watchlist(database, symbols)
     summary = workdir / f"{label}-summary.json"
     sim.cpu_seconds()
+    db_cpu = pg.cpu_seconds()
     run = kapman(["ingest", "--concurrency", str(concurrency), "--quiet", "--heartbeat", "0",
                   "--summary-json", str(summary)], database, workdir / label, f"{label}.log",
                  env={"POLYGON_API_KEY": SIM_KEY, "POLYGON_BASE_URL": sim.base_url} | (env or {}))
     server_cpu = sim.cpu_seconds()
+    db_cpu = _since(pg.cpu_seconds(), db_cpu)
     result = json.loads(summary.read_text())
     if result["symbols_failed"]:
         raise RuntimeError(f"{label}: {result['symbols_failed']} symbols failed; see {run.log_path}")
     rows = count_rows(database)
     pages = sum(s["pages"] for s in result["symbols"])
     return Run("kapman ingest", len(symbols), rows, pages, run.wall_s, run.peak_rss_mb, server_cpu,
-               extra={"in_run_s": result["duration_s"], "rows_written": result["rows_written"]})
+               run.cpu_s, db_cpu, extra={"in_run_s": result["duration_s"], "rows_written": result["rows_written"]})
 
 
 def run_plain(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: int, day: date,
@@ -89,6 +93,7 @@ def run_plain(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: int
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     sim.cpu_seconds()
+    db_cpu = pg.cpu_seconds()
     process = ctx.Process(target=plain_loader.run_in_child, args=(
         child, sim.base_url, SIM_KEY, database.dsn(), concurrency,
         {s: ticker_ids[s] for s in symbols}, day, snapshot_time(day)))
@@ -96,11 +101,16 @@ def run_plain(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: int
     figures = parent.recv()
     process.join()
     server_cpu = sim.cpu_seconds()
+    db_cpu = _since(pg.cpu_seconds(), db_cpu)
     rows = count_rows(database)
     if rows != figures["rows"]:
         raise RuntimeError(f"plain loader: {figures['rows']} rows fetched, {rows} in the table")
     return Run("plain loader", len(symbols), rows, int(figures["pages"]), figures["seconds"],
-               figures["peak_rss_mb"], server_cpu)
+               figures["peak_rss_mb"], server_cpu, figures["cpu_s"], db_cpu)
+
+
+def _since(now: float | None, before: float | None) -> float | None:
+    return None if now is None or before is None else now - before
 
 
 def throughput(pg: PgServer, workdir: Path, contracts: int, concurrency: int, latency_s: float,
@@ -157,6 +167,7 @@ def one_large_chain(pg: PgServer, workdir: Path, concurrency: int, latency_s: fl
 
 
 def _log_run(run: Run) -> None:
-    log.info("  %-14s %-28s %9s rows %5d pages %6.1f s %9s rows/s  peak RSS %4.0f MB  server CPU %.1f s",
-             run.loader, run.note, f"{run.rows:,}", run.pages, run.wall_s, f"{run.rows_per_s:,.0f}",
-             run.peak_rss_mb, run.server_cpu_s)
+    db_cpu = "-" if run.db_cpu_s is None else f"{run.db_cpu_s:.1f}"
+    log.info("  %-14s %-28s %9s rows %5d pages %6.1f s %9s rows/s  peak RSS %4.0f MB  CPU s: loader %.1f, "
+             "PostgreSQL %s, simulator %.1f", run.loader, run.note, f"{run.rows:,}", run.pages, run.wall_s,
+             f"{run.rows_per_s:,.0f}", run.peak_rss_mb, run.cpu_s, db_cpu, run.server_cpu_s)

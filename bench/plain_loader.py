@@ -129,5 +129,7 @@ def run_in_child(conn: Connection, base_url: str, api_key: str, dsn: str, concur
                  symbols: dict[str, str], day: date, snapshot: datetime) -> None:
     """multiprocessing target: run the loader, send its figures and this process's peak RSS."""
     figures = PlainLoader(base_url, api_key, dsn, concurrency).run(symbols, snapshot)
-    figures["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    figures["peak_rss_mb"] = usage.ru_maxrss / 1024
+    figures["cpu_s"] = usage.ru_utime + usage.ru_stime
     conn.send(figures)

@@ -122,8 +122,8 @@ def bench_ingest(args: argparse.Namespace, pg: harness.PgServer, work: Path, inf
         _header(info, f"Simulator in its own process, chains generated before timing, "
                       f"{args.latency_ms:.0f} ms a page, limit 250, concurrency {args.concurrency}; "
                       "`kapman ingest` as a child process (start-up included) on a fresh database."),
-        "| loader | run | rows | pages | wall s | rows/s | peak RSS MB | simulator CPU s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|", *rows, "",
+        "| loader | run | rows | pages | wall s | rows/s | peak RSS MB | CPU s: loader | PostgreSQL | simulator |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
         "Targets:", "",
         f"- project / plain loader at {project.rows:,} rows: **{ratio:.2f}x** — "
         + verdict(ratio >= 1.0, "at least as fast" if ratio >= 1.0 else
@@ -151,8 +151,10 @@ def bench_ingest(args: argparse.Namespace, pg: harness.PgServer, work: Path, inf
 
 
 def _run_row(run: ingest_bench.Run) -> str:
+    db_cpu = "-" if run.db_cpu_s is None else f"{run.db_cpu_s:.1f}"
     return (f"| {run.loader} | {run.note or f'{run.symbols} symbols'} | {run.rows:,} | {run.pages:,} | "
-            f"{run.wall_s:.1f} | {run.rows_per_s:,.0f} | {run.peak_rss_mb:.0f} | {run.server_cpu_s:.1f} |")
+            f"{run.wall_s:.1f} | {run.rows_per_s:,.0f} | {run.peak_rss_mb:.0f} | {run.cpu_s:.1f} | {db_cpu} | "
+            f"{run.server_cpu_s:.1f} |")
 
 
 # --- metrics -----------------------------------------------------------------------------------------
