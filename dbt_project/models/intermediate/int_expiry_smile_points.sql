@@ -8,7 +8,9 @@ contracts as (
 
 ),
 
-smile_contracts as (
+-- The contracts a smile uses, with their option type's target deltas (calls +0.25 and +0.50,
+-- puts -0.25 and -0.50).
+smile_contracts as not materialized (
 
     select
         ticker_id,
@@ -17,7 +19,11 @@ smile_contracts as (
         dte_days,
         option_type,
         delta,
-        implied_volatility
+        implied_volatility,
+        case when option_type = 'C' then 0.25 else -0.25 end::double precision
+            as wing_target_delta,
+        case when option_type = 'C' then 0.50 else -0.50 end::double precision
+            as atm_target_delta
     from contracts
     where
         is_iv_valid
@@ -29,47 +35,30 @@ smile_contracts as (
 
 ),
 
-targets as (
-
-    select
-        target_name,
-        option_type,
-        target_delta::double precision as target_delta
-    from (
-        values
-        ('call_25', 'C', 0.25),
-        ('call_50', 'C', 0.50),
-        ('put_25', 'P', -0.25),
-        ('put_50', 'P', -0.50)
-    ) as targets (target_name, option_type, target_delta)
-
-),
-
--- The nearest deltas either side of each target, per expiry.
+-- The nearest deltas either side of each target, per expiry and option type.
 brackets as (
 
     select
-        smile_contracts.ticker_id,
-        smile_contracts.as_of_date,
-        smile_contracts.expiration_date,
-        smile_contracts.dte_days,
-        smile_contracts.option_type,
-        targets.target_name,
-        targets.target_delta,
-        max(smile_contracts.delta)
-        filter (where smile_contracts.delta <= targets.target_delta) as delta_lo,
-        min(smile_contracts.delta)
-        filter (where smile_contracts.delta >= targets.target_delta) as delta_hi
+        ticker_id,
+        as_of_date,
+        expiration_date,
+        dte_days,
+        option_type,
+        wing_target_delta,
+        atm_target_delta,
+        max(delta) filter (where delta <= wing_target_delta) as wing_delta_lo,
+        min(delta) filter (where delta >= wing_target_delta) as wing_delta_hi,
+        max(delta) filter (where delta <= atm_target_delta) as atm_delta_lo,
+        min(delta) filter (where delta >= atm_target_delta) as atm_delta_hi
     from smile_contracts
-    inner join targets on smile_contracts.option_type = targets.option_type
     group by
-        smile_contracts.ticker_id,
-        smile_contracts.as_of_date,
-        smile_contracts.expiration_date,
-        smile_contracts.dte_days,
-        smile_contracts.option_type,
-        targets.target_name,
-        targets.target_delta
+        ticker_id,
+        as_of_date,
+        expiration_date,
+        dte_days,
+        option_type,
+        wing_target_delta,
+        atm_target_delta
 
 ),
 
@@ -81,14 +70,21 @@ bracket_ivs as (
         brackets.as_of_date,
         brackets.expiration_date,
         brackets.dte_days,
-        brackets.target_name,
-        brackets.target_delta,
-        brackets.delta_lo,
-        brackets.delta_hi,
+        brackets.option_type,
+        brackets.wing_target_delta,
+        brackets.wing_delta_lo,
+        brackets.wing_delta_hi,
+        brackets.atm_target_delta,
+        brackets.atm_delta_lo,
+        brackets.atm_delta_hi,
         avg(smile_contracts.implied_volatility)
-        filter (where smile_contracts.delta = brackets.delta_lo) as iv_lo,
+        filter (where smile_contracts.delta = brackets.wing_delta_lo) as wing_iv_lo,
         avg(smile_contracts.implied_volatility)
-        filter (where smile_contracts.delta = brackets.delta_hi) as iv_hi
+        filter (where smile_contracts.delta = brackets.wing_delta_hi) as wing_iv_hi,
+        avg(smile_contracts.implied_volatility)
+        filter (where smile_contracts.delta = brackets.atm_delta_lo) as atm_iv_lo,
+        avg(smile_contracts.implied_volatility)
+        filter (where smile_contracts.delta = brackets.atm_delta_hi) as atm_iv_hi
     from brackets
     inner join smile_contracts
         on
@@ -96,35 +92,67 @@ bracket_ivs as (
             and brackets.as_of_date = smile_contracts.as_of_date
             and brackets.expiration_date = smile_contracts.expiration_date
             and brackets.option_type = smile_contracts.option_type
-            and smile_contracts.delta in (brackets.delta_lo, brackets.delta_hi)
+            and smile_contracts.delta in (
+                brackets.wing_delta_lo,
+                brackets.wing_delta_hi,
+                brackets.atm_delta_lo,
+                brackets.atm_delta_hi
+            )
     group by
         brackets.ticker_id,
         brackets.as_of_date,
         brackets.expiration_date,
         brackets.dte_days,
-        brackets.target_name,
-        brackets.target_delta,
-        brackets.delta_lo,
-        brackets.delta_hi
+        brackets.option_type,
+        brackets.wing_target_delta,
+        brackets.wing_delta_lo,
+        brackets.wing_delta_hi,
+        brackets.atm_target_delta,
+        brackets.atm_delta_lo,
+        brackets.atm_delta_hi
 
 ),
 
+-- One row per target: IV(t) = IV_lo + (IV_hi - IV_lo) x (t - delta_lo) / (delta_hi - delta_lo),
+-- IV_lo on an exact hit, null unless both sides exist.
 interpolated as (
 
     select
-        ticker_id,
-        as_of_date,
-        expiration_date,
-        dte_days,
-        target_name,
+        bracket_ivs.ticker_id,
+        bracket_ivs.as_of_date,
+        bracket_ivs.expiration_date,
+        bracket_ivs.dte_days,
+        bracket_ivs.option_type,
+        targets.target_name,
         case
-            when delta_lo is null or delta_hi is null then null
-            when delta_hi = delta_lo then iv_lo
+            when targets.delta_lo is null or targets.delta_hi is null then null
+            when targets.delta_hi = targets.delta_lo then targets.iv_lo
             else
-                iv_lo
-                + (iv_hi - iv_lo) * (target_delta - delta_lo) / (delta_hi - delta_lo)
+                targets.iv_lo
+                + (targets.iv_hi - targets.iv_lo)
+                * (targets.target_delta - targets.delta_lo)
+                / (targets.delta_hi - targets.delta_lo)
         end as implied_volatility
     from bracket_ivs
+    cross join lateral (
+        values
+        (
+            'wing',
+            bracket_ivs.wing_target_delta,
+            bracket_ivs.wing_delta_lo,
+            bracket_ivs.wing_delta_hi,
+            bracket_ivs.wing_iv_lo,
+            bracket_ivs.wing_iv_hi
+        ),
+        (
+            'atm',
+            bracket_ivs.atm_target_delta,
+            bracket_ivs.atm_delta_lo,
+            bracket_ivs.atm_delta_hi,
+            bracket_ivs.atm_iv_lo,
+            bracket_ivs.atm_iv_hi
+        )
+    ) as targets (target_name, target_delta, delta_lo, delta_hi, iv_lo, iv_hi)
 
 ),
 
@@ -135,10 +163,18 @@ pivoted as (
         as_of_date,
         expiration_date,
         dte_days,
-        max(implied_volatility) filter (where target_name = 'call_25') as call_25_delta_iv,
-        max(implied_volatility) filter (where target_name = 'call_50') as call_50_delta_iv,
-        max(implied_volatility) filter (where target_name = 'put_25') as put_25_delta_iv,
-        max(implied_volatility) filter (where target_name = 'put_50') as put_50_delta_iv
+        max(implied_volatility) filter (
+            where option_type = 'C' and target_name = 'wing'
+        ) as call_25_delta_iv,
+        max(implied_volatility) filter (
+            where option_type = 'C' and target_name = 'atm'
+        ) as call_50_delta_iv,
+        max(implied_volatility) filter (
+            where option_type = 'P' and target_name = 'wing'
+        ) as put_25_delta_iv,
+        max(implied_volatility) filter (
+            where option_type = 'P' and target_name = 'atm'
+        ) as put_50_delta_iv
     from interpolated
     group by ticker_id, as_of_date, expiration_date, dte_days
 
