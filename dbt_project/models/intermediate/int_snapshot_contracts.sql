@@ -1,5 +1,6 @@
 -- The contracts of each chosen options snapshot that have not expired (DTE >= 0), with the
--- inputs every metric shares: DTE from the trading date, IV validity, null activity as 0.
+-- inputs every metric shares: DTE from the trading date, IV validity, null activity as 0
+-- (negative activity too: no count at all, like a missing one, never one that cancels others).
 -- A lateral lookup per snapshot keeps the read on the (ticker_id, time) index whatever the
 -- planner thinks of options_chains (its statistics lag right after an ingestion); a table, so
 -- that the models below plan on this run's real row counts.
@@ -28,8 +29,8 @@ contracts as (
         snapshot_contracts.expiration_date - options_snapshots.as_of_date as dte_days,
         snapshot_contracts.implied_volatility,
         snapshot_contracts.delta,
-        coalesce(snapshot_contracts.open_interest, 0) as open_interest,
-        coalesce(snapshot_contracts.volume, 0) as volume,
+        greatest(snapshot_contracts.open_interest, 0) as open_interest,  -- null -> 0
+        greatest(snapshot_contracts.volume, 0) as volume,
         coalesce(
             snapshot_contracts.implied_volatility > 0
             and snapshot_contracts.implied_volatility <= 5,
