@@ -529,3 +529,25 @@ def test_serve_runs_in_the_foreground_until_ctrl_c(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert f"http://127.0.0.1:{port}" in err and "sim-key" in err and "SIMULATED" in err
+
+
+def test_expiration_filters_narrow_the_chain_and_the_cursor_keeps_them(
+        simulator: SimulatorServer, market: Market) -> None:
+    chain = json.loads(json.dumps(market.chain("I:SPX", DAY)))
+    expiries = sorted({c["details"]["expiration_date"] for c in chain})
+    lo, hi = expiries[3], expiries[len(expiries) * 2 // 3]
+    inside = [c for c in chain if lo <= c["details"]["expiration_date"] <= hi]
+    assert 250 < len(inside) < len(chain)
+    # Small pages: the filters must survive many cursors (both roots, SPX and SPXW, are in range).
+    first = _get(simulator, "I:SPX", limit=100, **{"expiration_date.gte": lo, "expiration_date.lte": hi})
+    assert _walk(first) == inside
+    assert {c["details"]["ticker"].startswith("O:SPXW") for c in inside} == {True, False}
+    later = [r.query for r in simulator.requests if "cursor" in r.query]
+    assert later and all(set(q) == {"cursor"} for q in later)
+    # Disjoint ranges (one side open) add up to the whole chain.
+    below = _walk(_get(simulator, "I:SPX", limit=250, **{"expiration_date.lte": expiries[9]}))
+    above = _walk(_get(simulator, "I:SPX", limit=250, **{"expiration_date.gte": expiries[10]}))
+    assert sorted(below + above, key=lambda c: c["details"]["ticker"]) == chain
+    assert _get(simulator, "I:SPX", **{"expiration_date.gte": "2025-13-01"}).status_code == 400
+    empty = _get(simulator, "I:SPX", **{"expiration_date.gte": hi, "expiration_date.lte": lo}).json()
+    assert empty["results"] == [] and "next_url" not in empty

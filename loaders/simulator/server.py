@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 _PATH_RE = re.compile(r"^/v3/snapshot/options/([^/]+)$")
 _DEFAULT_LIMIT = 10
+# Polygon's filters on the snapshot (inclusive bounds), kept by the cursor like the date.
+_EXPIRATION_FILTERS = ("expiration_date.gte", "expiration_date.lte")
+_EXPIRATION_KEY = b'"expiration_date":"'
 _HTML = (b"<!DOCTYPE html><html><head><title>503 Service Temporarily Unavailable</title></head>"
          b"<body><h1>Service Temporarily Unavailable</h1><p>Please try again later.</p></body></html>")
 _TOO_MANY = ("You've exceeded the maximum requests per minute, please wait or upgrade your subscription "
@@ -84,23 +87,31 @@ class RequestRecord:
 
 @dataclass
 class _Page:
-    """Where a request is in a chain: decoded from the cursor, or the first page."""
+    """Where a request is in a chain: decoded from the cursor, or the first page. The cursor
+    keeps the date and the expiration filters of the first request, as Polygon's does."""
 
     as_of: date
     offset: int
     limit: int
     number: int
+    expiration_gte: date | None = None
+    expiration_lte: date | None = None
 
     def cursor(self) -> str:
-        raw = f"{self.as_of.isoformat()},{self.offset},{self.limit},{self.number}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        fields = [self.as_of.isoformat(), str(self.offset), str(self.limit), str(self.number)]
+        if self.expiration_gte or self.expiration_lte:
+            fields += [d.isoformat() if d else "" for d in (self.expiration_gte, self.expiration_lte)]
+        return base64.urlsafe_b64encode(",".join(fields).encode()).decode().rstrip("=")
 
     @classmethod
     def from_cursor(cls, cursor: str) -> _Page:
         try:
             raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-            day, offset, limit, number = raw.split(",")
-            page = cls(date.fromisoformat(day), int(offset), int(limit), int(number))
+            day, offset, limit, number, *bounds = raw.split(",")
+            if len(bounds) not in (0, 2):
+                raise ValueError("invalid cursor")
+            gte, lte = (date.fromisoformat(b) if b else None for b in (bounds or ["", ""]))
+            page = cls(date.fromisoformat(day), int(offset), int(limit), int(number), gte, lte)
         except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
             raise ValueError("invalid cursor") from exc
         if page.offset < 0 or page.limit < 1 or page.number < 1:
@@ -157,8 +168,10 @@ def _request_id(*parts: object) -> str:
 class SimulatorServer:
     """Serves `GET /v3/snapshot/options/{underlying}` from a Market over loopback HTTP.
 
-    Besides the real API's parameters (`limit`, `cursor`, `apiKey`), the first request of a
-    chain may carry `date=YYYY-MM-DD` (the real endpoint only has today); the cursor keeps it.
+    The real API's parameters `limit`, `cursor`, `apiKey` and the expiration filters
+    `expiration_date.gte` / `expiration_date.lte`; besides them, the first request of a chain may
+    carry `date=YYYY-MM-DD` (the real endpoint only has today). The cursor keeps the date and the
+    filters.
     """
 
     def __init__(self, market: Market | None = None, *, api_key: str = "sim-key",
@@ -189,6 +202,7 @@ class SimulatorServer:
         # Bounded: a long `kapman simulator serve` session must not grow without limit.
         self._requests: deque[RequestRecord] = deque(maxlen=100_000)
         self._faults: dict[str, Fault] = {}
+        self._filtered: dict[tuple[str, date, date | None, date | None], list[bytes]] = {}
         self._counters: dict[tuple[str, str], list[int]] = {}  # (fault key, symbol): 429s, 5xx, hits
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
@@ -350,7 +364,13 @@ class SimulatorServer:
                 raise ValueError("date must be YYYY-MM-DD") from None
         else:
             as_of = self.today or datetime.now(NEW_YORK).date()
-        return _Page(as_of, 0, limit, 1)
+        bounds = []
+        for name in _EXPIRATION_FILTERS:
+            try:
+                bounds.append(date.fromisoformat(query[name]) if name in query else None)
+            except ValueError:
+                raise ValueError(f"{name} must be YYYY-MM-DD") from None
+        return _Page(as_of, 0, limit, 1, *bounds)
 
     def _fault_for(self, symbol: str, page: int) -> tuple[Fault, str | None]:
         """The fault that applies and what it does to this request: "429", "5xx", "hit" or None."""
@@ -371,9 +391,32 @@ class SimulatorServer:
                 return fault, "hit"
             return fault, None
 
+    def _chain(self, symbol: str, page: _Page) -> list[bytes]:
+        """The serialised chain, narrowed to the page's expiration filters (cached: every page of
+        a filtered chain pages through the same list)."""
+        contracts = self.market.chain_json(symbol, page.as_of)
+        if page.expiration_gte is None and page.expiration_lte is None:
+            return contracts
+        key = (symbol, page.as_of, page.expiration_gte, page.expiration_lte)
+        with self._lock:
+            cached = self._filtered.get(key)
+        if cached is None:
+            lo = (page.expiration_gte or date.min).isoformat().encode()
+            hi = (page.expiration_lte or date.max).isoformat().encode()
+            cached = []
+            for contract in contracts:
+                at = contract.index(_EXPIRATION_KEY) + len(_EXPIRATION_KEY)
+                if lo <= contract[at:at + 10] <= hi:  # ISO dates order as text
+                    cached.append(contract)
+            with self._lock:
+                self._filtered[key] = cached
+                while len(self._filtered) > 64:
+                    del self._filtered[next(iter(self._filtered))]
+        return cached
+
     def _send_page(self, handler: _Handler, symbol: str, page: _Page, fault: Fault | None) -> None:
         try:
-            contracts = self.market.chain_json(symbol, page.as_of)
+            contracts = self._chain(symbol, page)
         except ValueError as exc:  # a date outside the simulated range
             _send(handler, 400, _json({"status": "ERROR", "request_id": _request_id(handler.path),
                                        "error": str(exc)}))
@@ -385,7 +428,8 @@ class SimulatorServer:
         if fault.html_200:
             _send(handler, 200, _HTML, content_type="text/html; charset=utf-8")
             return
-        rid = _request_id(self.market.seed, symbol, page.as_of, page.offset, page.limit, page.number)
+        rid = _request_id(self.market.seed, symbol, page.as_of, page.offset, page.limit, page.number,
+                          page.expiration_gte, page.expiration_lte)
         if fault.results_not_list:
             _send(handler, 200, _json({"status": "OK", "request_id": rid,
                                        "results": {"message": "results temporarily unavailable"}}))
@@ -397,7 +441,8 @@ class SimulatorServer:
             following = page
         elif end < len(contracts):
             start = end - 1 if fault.repeat_contract_across_pages else end
-            following = _Page(page.as_of, start, page.limit, page.number + 1)
+            following = _Page(page.as_of, start, page.limit, page.number + 1, page.expiration_gte,
+                              page.expiration_lte)
         parts = [b'{"status":"OK","request_id":"', rid.encode(), b'","results":[',
                  b",".join(contracts[page.offset:end]), b"]"]
         if following is not None:
