@@ -164,15 +164,20 @@ def seed_is_current(conn: psycopg2.extensions.connection, relation: str) -> bool
 
 # --- versions, dates and the seed ---------------------------------------------------------------
 
+# The files that define the numbers: the model version moves only when one of them changes.
+MODEL_PATHS = ("dbt_project", "macros", "dbt_project.yml", "loaders/metrics.py")
+
+
 def model_version() -> str:
-    """Package version, plus the git commit when the code runs from a checkout."""
+    """Package version, plus the last commit that changed the metrics code when running from a
+    git checkout (other commits leave the published JSON byte-identical)."""
     try:
         version = metadata.version("kapman-options")
     except metadata.PackageNotFoundError:
         version = "0+unknown"
     try:
         sha = subprocess.run(
-            ["git", "-C", str(PROJECT_DIR), "rev-parse", "--short=12", "HEAD"],
+            ["git", "-C", str(PROJECT_DIR), "log", "-1", "--format=%h", "--abbrev=12", "--", *MODEL_PATHS],
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
