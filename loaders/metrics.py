@@ -332,6 +332,8 @@ def _log_row(row: Published, debug: bool) -> None:
         log.info("%s %s: no options snapshot at or before the date (MISSING_OPTIONS)", row.symbol, row.as_of)
     elif row.status == "PARTIAL":
         log.info("%s %s: snapshot has no IV-valid contracts with DTE >= 1 (PARTIAL)", row.symbol, row.as_of)
+    elif row.status == "ERROR" and row.error is None:
+        log.error("%s %s: %s (ERROR)", row.symbol, row.as_of, ",".join(row.diagnostics))
     if "stale_options_snapshot" in row.diagnostics:
         log.info("%s %s: latest options snapshot is from %s (stale)", row.symbol, row.as_of,
                  row.document.get("options_snapshot_time"))
@@ -366,6 +368,10 @@ def run(args: argparse.Namespace) -> int:
         code = 0
         if not dates:
             log.warning("no trading dates between %s and %s: nothing to compute", start, end)
+        elif dates[0].year < SEED_YEARS[0] or dates[-1].year > SEED_YEARS[1]:
+            log.error("the trading calendar of the models (dbt_project/seeds/trading_days.csv) covers "
+                      "%d-%d only: regenerate it to compute %s..%s", *SEED_YEARS, start, end)
+            code = 1
         elif tickers == 0:
             log.warning("no active watchlist symbols: nothing to compute (kapman watchlists load)")
         else:
