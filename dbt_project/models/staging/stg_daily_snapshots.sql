@@ -1,28 +1,16 @@
-with
+-- A single select (see stg_options_chains): the fill_missing lookup by (time, ticker_id) must
+-- reach the primary key through this view.
+select
 
-source as (
+    ----------  ids
+    ticker_id,
 
-    select * from {{ source('kapman', 'daily_snapshots') }}
+    ---------- payload
+    volatility_metrics_json,
+    metrics_model_version,
 
-),
+    ---------- timestamps
+    time as snapshot_at,
+    metrics_updated_at
 
-renamed as (
-
-    select
-
-        ----------  ids
-        ticker_id,
-
-        ---------- payload
-        volatility_metrics_json,
-        metrics_model_version,
-
-        ---------- timestamps
-        time as snapshot_at,
-        metrics_updated_at
-
-    from source
-
-)
-
-select * from renamed
+from {{ source('kapman', 'daily_snapshots') }}
