@@ -401,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
             "duration=%.1fs", summary["processed"], summary["success"], summary["missing_options"],
             summary["partial"], summary["errors"], summary["duration_seconds"])
     if args.summary_json:
+        args.summary_json.parent.mkdir(parents=True, exist_ok=True)
         args.summary_json.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return code
 
