@@ -16,7 +16,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -205,12 +205,15 @@ def _ledger_finish(cur: psycopg2.extensions.cursor, outcome: SymbolOutcome, snap
     )
 
 
-def update_lifecycle(cur: psycopg2.extensions.cursor, ticker_id: str, seen: Sequence[str],
+def update_lifecycle(cur: psycopg2.extensions.cursor, seen: Mapping[str, Sequence[str]],
                      snapshot: datetime) -> None:
-    """After a symbol's successful fetch at `snapshot`: contracts seen are active (reactivated if
-    they had gone), its other contracts last seen before `snapshot` are deactivated. A snapshot
-    older than what a contract already records (a later sighting or deactivation) changes only its
-    first/last seen times. Nothing is deleted."""
+    """After successful fetches at `snapshot` (tickers.id -> the contract tickers its chain had):
+    contracts seen are active (reactivated if they had gone), the symbols' other contracts last
+    seen before `snapshot` are deactivated. A snapshot older than what a contract already records
+    (a later sighting or deactivation) changes only its first/last seen times. Nothing is deleted.
+    Two statements for any number of symbols (a batch's): per-symbol statements cost more."""
+    if not seen:
+        return
     cur.execute(
         "insert into option_contracts as oc (contract_ticker, ticker_id, expiration_date, strike_price,"
         " option_type, first_seen_at, last_seen_at, active)"
@@ -223,12 +226,12 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, ticker_id: str, seen: Sequ
         " deactivated_at = case when %(t)s >= coalesce(oc.deactivated_at, oc.last_seen_at) then null"
         " else oc.deactivated_at end"
         " where not oc.active or %(t)s > oc.last_seen_at or %(t)s < oc.first_seen_at",
-        {"t": snapshot, "seen": list(seen)},
+        {"t": snapshot, "seen": [ticker for tickers in seen.values() for ticker in tickers]},
     )
     cur.execute(
         "update option_contracts set active = false, deactivated_at = %(t)s"
-        " where ticker_id = %(tid)s and active and last_seen_at < %(t)s",
-        {"t": snapshot, "tid": ticker_id},
+        " where ticker_id = any(%(tids)s::uuid[]) and active and last_seen_at < %(t)s",
+        {"t": snapshot, "tids": list(seen)},
     )
 
 
@@ -319,9 +322,15 @@ def _pipeline(database: dbmod.Database, args: argparse.Namespace) -> Any:
     pipelines_dir = getattr(args, "pipelines_dir", None) or Path.cwd() / dbmod.EMBEDDED_DIR / "dlt"
     progress = (LogCollector(log_period=2.0, logger=sys.stderr, dump_system_stats=False)
                 if sys.stderr.isatty() and not args.quiet else NullCollector())
+    from dlt.destinations.impl.postgres.configuration import PostgresCredentials
+
+    credentials = PostgresCredentials(database.url())
+    # The load files carry UTC timestamps without an offset (see polygon._column_hints): COPY
+    # reads them in the session's time zone, pinned to UTC on every connection dlt opens.
+    credentials.session_timezone = "UTC"
     pipeline = dlt.pipeline(
         pipeline_name=PIPELINE_NAME, pipelines_dir=str(pipelines_dir), dataset_name="public",
-        destination=dlt.destinations.postgres(credentials=database.url()), progress=progress,
+        destination=dlt.destinations.postgres(credentials=credentials), progress=progress,
     )
     if pipeline.has_pending_data:
         log.warning("discarding load packages left by an interrupted run (the ledger retries their symbols)")
@@ -374,23 +383,24 @@ def _load_batch(run: _Run, day: date, snapshot: datetime, batch: Sequence[str], 
             cur.execute("select ticker_id::text, count(*) from options_chains"
                         " where time = %s and _dlt_load_id = any(%s) group by 1", (snapshot, load_ids))
             written = dict(cur.fetchall())
-    outcomes = []
+    outcomes: list[tuple[SymbolOutcome, ChainResult]] = []
     for symbol in batch:
         result = results.get(symbol) or ChainResult(symbol, run.ticker_ids[symbol], error="not fetched")
         error = result.error or load_error
-        outcome = SymbolOutcome(
+        outcomes.append((SymbolOutcome(
             day, symbol, "ok" if error is None else "failed", result.pages, result.contracts,
             written.get(result.ticker_id, 0) if error is None else 0, result.rejected, error,
             round(result.elapsed, 3),
-        )
-        with run.work.cursor() as cur:
-            if outcome.outcome == "ok":
-                update_lifecycle(cur, result.ticker_id, result.contract_tickers, snapshot)
+        ), result))
+    with run.work.cursor() as cur:
+        update_lifecycle(cur, {r.ticker_id: r.contract_tickers for o, r in outcomes if o.outcome == "ok"},
+                         snapshot)
+        for outcome, _ in outcomes:
             _ledger_finish(cur, outcome, snapshot)
-        run.work.commit()  # one transaction per symbol: ledger and lifecycle agree
+    run.work.commit()  # one transaction per batch: ledger and lifecycle agree
+    for outcome, result in outcomes:
         _symbol_line(outcome, dict(result.reject_reasons))
-        outcomes.append(outcome)
-    return outcomes
+    return [outcome for outcome, _ in outcomes]
 
 
 def _check_database(database: dbmod.Database) -> None:

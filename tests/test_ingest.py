@@ -111,6 +111,18 @@ def test_several_symbols_end_to_end_with_pagination(database, db_url, live, mark
     assert any(r.path == "/v3/snapshot/options/I%3AVIX" for r in sent)
 
 
+def test_instants_are_exact_whatever_the_database_time_zone(database, db_url, live, market) -> None:
+    # The load files carry UTC timestamps without an offset; the pipeline pins its sessions to UTC.
+    query(database, f'alter database "{database.dbname}" set timezone to \'America/New_York\'')
+    watch(database, ("a", "KO"))
+    assert run(db_url)[0] == 0
+    assert query(database, "select distinct time from options_chains") == [(snapshot_time(TODAY),)]
+    contract = next(c for c in market.chain("KO", TODAY) if (c.get("last_quote") or {}).get("last_updated"))
+    stored = query(database, "select quote_updated_at from options_chains where contract_ticker = %s",
+                   (contract["details"]["ticker"],))[0][0]
+    assert stored.timestamp() * 10**9 == pytest.approx(contract["last_quote"]["last_updated"], abs=1000)
+
+
 def test_rerun_is_idempotent_rows_written_is_honest_new_snapshot_appends(database, db_url, live) -> None:
     watch(database, ("a", "F"), ("a", "KO"))
     code, first = run(db_url)

@@ -17,4 +17,5 @@ CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 
 TABLE_NAME = "options_chains"
+ITEM_ROWS = 50_000  # rows per item the resource yields (several symbols' chains together)
 PRIMARY_KEY = ("time", "contract_ticker")
