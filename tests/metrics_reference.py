@@ -28,6 +28,11 @@ class Contract:
     volume: int | None
 
 
+def _activity(value: int | None) -> int:
+    """Open interest or volume: null counts as 0 (the spec), and so does a negative one."""
+    return max(value or 0, 0)
+
+
 def _iv_valid(c: Contract) -> bool:
     return c.implied_volatility is not None and 0 < c.implied_volatility <= 5
 
@@ -71,17 +76,17 @@ def _constant_maturity(series: dict[int, float], n: int) -> tuple[float | None, 
 def chain_metrics(contracts: Sequence[Contract], as_of: date) -> dict[str, Any]:
     """Everything but the history metrics, for one options snapshot on trading date as_of."""
     live = [c for c in contracts if (c.expiration_date - as_of).days >= 0]
-    oi = {t: sum(c.open_interest or 0 for c in live if c.option_type == t) for t in "CP"}
-    vol = {t: sum(c.volume or 0 for c in live if c.option_type == t) for t in "CP"}
+    oi = {t: sum(_activity(c.open_interest) for c in live if c.option_type == t) for t in "CP"}
+    vol = {t: sum(_activity(c.volume) for c in live if c.option_type == t) for t in "CP"}
     total_oi, total_vol = oi["C"] + oi["P"], vol["C"] + vol["P"]
     valid = [c for c in live if _iv_valid(c) and (c.expiration_date - as_of).days >= 1]
-    weight = sum(c.open_interest or 0 for c in valid)
+    weight = sum(_activity(c.open_interest) for c in valid)
     if not valid:
         average = None
     elif weight == 0:
         average = sum(c.implied_volatility for c in valid) / len(valid)
     else:
-        average = sum(c.implied_volatility * (c.open_interest or 0) for c in valid) / weight
+        average = sum(c.implied_volatility * _activity(c.open_interest) for c in valid) / weight
 
     series: dict[str, dict[int, float]] = {"atm": {}, "c25": {}, "p25": {}}
     for expiry in sorted({c.expiration_date for c in valid}):
