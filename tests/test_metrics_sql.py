@@ -86,7 +86,7 @@ def _random_chain(rng: random.Random, day: date) -> list[Contract]:
                 contracts.append(Contract(
                     option_type, day + timedelta(days=dte), iv,
                     None if delta is None else sign * delta,
-                    rng.choice([None, 0, rng.randint(0, 5000)]), rng.choice([None, 0, rng.randint(0, 900)]),
+                    rng.choice([None, 0, -3, rng.randint(0, 5000)]), rng.choice([None, 0, -1, rng.randint(0, 900)]),
                 ))
     return contracts
 
