@@ -14,6 +14,7 @@ from psycopg2.extras import execute_values
 from loaders import cli
 from loaders import db as dbmod
 from loaders.trading_calendar import snapshot_time
+from tests.conftest import query
 from tests.metrics_reference import Contract
 
 
@@ -70,7 +71,7 @@ def run_metrics(database: dbmod.Database, *args: str) -> int:
 
 def documents(database: dbmod.Database, day: date | None = None) -> dict[tuple[str, date], dict[str, Any]]:
     """Published JSON by (symbol, trading date)."""
-    rows = query_rows(
+    rows = query(
         database,
         "select t.symbol, (d.time at time zone 'utc')::date, d.volatility_metrics_json::text"
         " from daily_snapshots d join tickers t on t.id = d.ticker_id"
@@ -79,12 +80,6 @@ def documents(database: dbmod.Database, day: date | None = None) -> dict[tuple[s
         {"day": day},
     )
     return {(symbol, as_of): json.loads(text) for symbol, as_of, text in rows}
-
-
-def query_rows(database: dbmod.Database, sql: str, params: Any = None) -> list[tuple]:
-    with database.connect() as conn, conn.cursor() as cur:
-        cur.execute(sql, params)
-        return cur.fetchall()
 
 
 def assert_documents_match(actual: dict[str, Any], expected: dict[str, Any], where: str) -> None:

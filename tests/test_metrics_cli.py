@@ -10,13 +10,13 @@ import pytest
 
 from loaders import db as dbmod
 from loaders import metrics
+from tests.conftest import query
 from tests.metrics_reference import Contract
 from tests.metrics_support import (  # noqa: F401  (fixtures)
     add_watchlist,
     dbt_artifacts_in_tmp,
     documents,
     insert_chain,
-    query_rows,
     run_metrics,
 )
 
@@ -30,7 +30,7 @@ def _chain(iv: float) -> list[Contract]:
 
 
 def _snapshot_rows(database: dbmod.Database) -> dict[str, tuple]:
-    rows = query_rows(database, "select t.symbol, d.volatility_metrics_json::text, d.metrics_model_version,"
+    rows = query(database, "select t.symbol, d.volatility_metrics_json::text, d.metrics_model_version,"
                       " d.metrics_updated_at, d.analyst_note from daily_snapshots d"
                       " join tickers t on t.id = d.ticker_id")
     return {r[0]: r[1:] for r in rows}
@@ -77,7 +77,7 @@ def test_fill_missing_only_fills_missing_json(database) -> None:
                     " when 'BBB' then 'null'::jsonb end, 'someone else' from tickers"
                     " where symbol in ('AAA', 'BBB')", (S,))
     assert run_metrics(database, "--date", "2025-12-19", "--fill-missing") == 0
-    rows = {s: (json.loads(j) if j else None, v) for s, j, v in query_rows(
+    rows = {s: (json.loads(j) if j else None, v) for s, j, v in query(
         database, "select t.symbol, d.volatility_metrics_json::text, d.metrics_model_version"
         " from daily_snapshots d join tickers t on t.id = d.ticker_id")}
     assert rows["AAA"] == ({"status": "OLD"}, "someone else")  # existing JSON untouched

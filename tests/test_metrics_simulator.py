@@ -10,11 +10,11 @@ from psycopg2.extras import execute_values
 from loaders.polygon.helpers import normalise_page
 from loaders.simulator import Market
 from loaders.trading_calendar import snapshot_time
+from tests.conftest import query
 from tests.metrics_support import (  # noqa: F401  (fixtures)
     add_watchlist,
     dbt_artifacts_in_tmp,
     documents,
-    query_rows,
     run_metrics,
 )
 
@@ -27,7 +27,7 @@ INSERT = ("insert into options_chains (time, ticker_id, contract_ticker, expirat
 
 
 def _load(database, market: Market, symbol: str, day: date) -> None:
-    (ticker_id,) = query_rows(database, "select id::text from tickers where symbol = %s", (symbol,))[0]
+    (ticker_id,) = query(database, "select id::text from tickers where symbol = %s", (symbol,))[0]
     table, rejected = normalise_page(market.chain(symbol, day), ticker_id, snapshot_time(day))
     assert not rejected
     rows = zip(*(table.column(name).to_pylist() for name in COLUMNS), strict=True)

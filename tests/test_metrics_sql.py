@@ -18,7 +18,7 @@ import pytest
 from loaders import db as dbmod
 from loaders import metrics
 from loaders.trading_calendar import trading_days
-from tests.conftest import _janitor
+from tests.conftest import _janitor, query
 from tests.metrics_reference import Contract, Reference
 from tests.metrics_support import (  # noqa: F401  (fixtures)
     add_watchlist,
@@ -26,7 +26,6 @@ from tests.metrics_support import (  # noqa: F401  (fixtures)
     dbt_artifacts_in_tmp,
     documents,
     insert_chain,
-    query_rows,
     run_metrics,
 )
 
@@ -219,7 +218,7 @@ def test_history_rank_and_percentile(published) -> None:
 
 
 def test_every_watchlist_ticker_has_a_row_per_date(published, module_database) -> None:
-    symbols = {s for (s,) in query_rows(module_database, "select symbol from watchlists where active")}
+    symbols = {s for (s,) in query(module_database, "select symbol from watchlists where active")}
     assert {(s, d) for s in symbols for d in DATES} <= set(published)
     assert len(published) == len(symbols) * len(DATES)
 
