@@ -235,6 +235,26 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, seen: Mapping[str, Sequenc
     )
 
 
+def earlier_expirations(conn: psycopg2.extensions.connection, ticker_ids: Sequence[str],
+                        snapshot: datetime, min_contracts: int) -> dict[str, list[tuple[date, int]]]:
+    """(expiration, contracts) of each ticker's latest stored chain at or before `snapshot`, for
+    the tickers whose chain held at least `min_contracts` (one index lookup per ticker)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "select c.ticker_id::text, c.expiration_date, count(*)"
+            " from unnest(%(tids)s::uuid[]) as t (ticker_id)"
+            " cross join lateral (select max(time) as time from options_chains o"
+            "  where o.ticker_id = t.ticker_id and o.time <= %(t)s) as latest"
+            " join options_chains c on c.ticker_id = t.ticker_id and c.time = latest.time"
+            " group by 1, 2 order by 1, 2",
+            {"tids": list(ticker_ids), "t": snapshot},
+        )
+        counts: dict[str, list[tuple[date, int]]] = {}
+        for ticker_id, expiration, n in cur.fetchall():
+            counts.setdefault(ticker_id, []).append((expiration, n))
+    return {t: c for t, c in counts.items() if sum(n for _, n in c) >= min_contracts}
+
+
 # --- one run ------------------------------------------------------------------------------------
 
 @dataclass
@@ -308,7 +328,26 @@ class _Run:
         if as_of not in self.clients:
             self.clients[as_of] = self.provider.config.client(as_of, pool_size=self.args.concurrency,
                                                               limiter=self.provider.limiter)
-        return self.fetcher.submit(self.clients[as_of], {s: self.ticker_ids[s] for s in batch}, snapshot)
+        tickers = {s: self.ticker_ids[s] for s in batch}
+        return self.fetcher.submit(self.clients[as_of], tickers, snapshot,
+                                   slices=self._slices(tickers, snapshot))
+
+    def _slices(self, tickers: dict[str, str], snapshot: datetime) -> dict[str, list[Any]]:
+        """Expiration-range slices for the symbols whose latest stored chain is large: fetched as
+        parallel request chains instead of one long pagination (see polygon.expiration_slices)."""
+        from .polygon import expiration_slices
+
+        size = self.provider.config.slice_contracts
+        if size <= 0:
+            return {}
+        counts = earlier_expirations(self.work, list(tickers.values()), snapshot, min_contracts=2 * size)
+        self.work.commit()
+        slices = {s: expiration_slices(counts[t], size) for s, t in tickers.items() if t in counts}
+        for symbol, ranges in slices.items():
+            if ranges:
+                log.debug("%s: fetched as %d parallel expiration-range slices", symbol, len(ranges))
+        return {s: r for s, r in slices.items() if r}
+
 
 
 def _pipeline(database: dbmod.Database, args: argparse.Namespace) -> Any:

@@ -123,6 +123,26 @@ def test_instants_are_exact_whatever_the_database_time_zone(database, db_url, li
     assert stored.timestamp() * 10**9 == pytest.approx(contract["last_quote"]["last_updated"], abs=1000)
 
 
+def test_a_large_chain_is_fetched_in_parallel_slices_once_its_size_is_known(database, db_url, live, market,
+                                                                          monkeypatch) -> None:
+    monkeypatch.setenv("SOURCES__POLYGON__SLICE_CONTRACTS", "500")
+    watch(database, ("a", "AAPL"), ("a", "KO"))
+    chain = market.chain("AAPL", TODAY)
+    assert run(db_url)[0] == 0  # nothing stored yet: one pagination per symbol
+    assert not any("expiration_date.gte" in r.query or "expiration_date.lte" in r.query for r in live.requests)
+    live.clear_requests()
+    code, summary = run(db_url, "--force")  # the stored chain says AAPL is large
+    assert code == 0 and per_symbol(summary) == {"AAPL": "ok", "KO": "ok"}
+    aapl = [r.query for r in live.requests if "cursor" not in r.query and r.path.endswith("/AAPL")]
+    assert len(aapl) == -(-len(chain) // 500) and sum("expiration_date.gte" not in q for q in aapl) == 1
+    entry = next(s for s in summary["symbols"] if s["symbol"] == "AAPL")
+    assert entry["contracts"] == len(chain) and entry["rows_written"] == 0  # the same rows, unchanged
+    assert count(database, "select count(*) from options_chains c join tickers k on k.id = c.ticker_id"
+                           " where k.symbol = 'AAPL'") == len(chain)
+    assert count(database, "select count(*) from option_contracts where active") == \
+        count(database, "select count(*) from options_chains")
+
+
 def test_rerun_is_idempotent_rows_written_is_honest_new_snapshot_appends(database, db_url, live) -> None:
     watch(database, ("a", "F"), ("a", "KO"))
     code, first = run(db_url)

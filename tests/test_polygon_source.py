@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 import time
-from datetime import UTC, date, datetime
+from collections import Counter
+from datetime import UTC, date, datetime, timedelta
 
 import pyarrow as pa
 import pytest
 
 from loaders.polygon import (
+    ChainFetcher,
     ProviderError,
     SymbolFetchError,
+    expiration_slices,
     normalise_page,
     pin_next_url,
     polygon_source,
@@ -281,3 +284,48 @@ def test_redirects_are_refused_never_followed_with_the_key() -> None:
         server.shutdown()
     assert not result.ok and "refused HTTP 301 redirect to http://127.0.0.2:9" in result.error
     assert len(seen) == 1 and "secret-key" not in result.error
+
+
+# --- a large chain as parallel expiration-range slices ---------------------------------------------
+
+def test_expiration_slices_balance_contracts_and_cover_every_date() -> None:
+    counts = [(date(2025, 6, 2 + i), n) for i, n in enumerate([900, 900, 300, 300, 300, 300, 600, 400])]
+    slices = expiration_slices(counts, 1000)  # 4,000 contracts: 4 slices
+    assert len(slices) == 4 and slices[0][0] is None and slices[-1][1] is None
+    for (_, hi), (lo, _) in zip(slices, slices[1:], strict=False):
+        assert lo == hi + timedelta(days=1)  # adjacent: no date falls between two slices
+    sizes = [sum(n for d, n in counts if (lo is None or d >= lo) and (hi is None or d <= hi)) for lo, hi in slices]
+    assert sum(sizes) == 4000 and max(sizes) <= 1200
+    assert expiration_slices(counts, 5000) == [] and expiration_slices(counts, 0) == []
+    assert expiration_slices([(date(2025, 6, 2), 9000)], 1000) == []  # one expiration cannot be split
+
+
+def test_a_sliced_chain_is_the_whole_chain_fetched_in_parallel(simulator, market) -> None:
+    chain = market.chain("I:SPX", DAY)
+    counts = sorted(Counter(date.fromisoformat(c["details"]["expiration_date"]) for c in chain).items())
+    slices = expiration_slices(counts, 2500)
+    assert len(slices) >= 6
+    simulator.set_fault("*", Fault(latency_s=0.02))
+    client = ChainClient(simulator.base_url, "test-key", FAST, extra_params={"date": DAY.isoformat()})
+    with ChainFetcher(8) as fetcher:
+        [whole] = list(fetcher.completed(fetcher.submit(client, {"I:SPX": "tid"}, T, slices={"I:SPX": slices})))
+    assert whole.ok and whole.contracts == len(chain) == len(set(whole.contract_tickers))
+    assert sorted(whole.contract_tickers) == sorted(c["details"]["ticker"] for c in chain)
+    assert whole.pages > len(chain) // 250
+    # The slices start together, not one after another: their first requests arrive first.
+    sent = simulator.requests
+    firsts = [r.query for r in sent if "cursor" not in r.query]
+    assert len(firsts) == len(slices) and all(q["date"] == DAY.isoformat() for q in firsts)
+    assert all("cursor" not in r.query for r in sent[:len(slices) - 1])
+    assert sum("expiration_date.gte" not in q for q in firsts) == 1  # the first slice is open below
+    assert sum("expiration_date.lte" not in q for q in firsts) == 1  # the last one above
+
+
+def test_a_failing_slice_fails_the_whole_symbol_and_loads_none_of_it(simulator) -> None:
+    simulator.set_fault("I:SPX", Fault(non_json=True, on_pages={3}, times=1))
+    slices = [(None, date(2025, 7, 1)), (date(2025, 7, 2), None)]
+    client = ChainClient(simulator.base_url, "test-key", FAST, extra_params={"date": DAY.isoformat()})
+    with ChainFetcher(4) as fetcher:
+        [result] = list(fetcher.completed(fetcher.submit(client, {"I:SPX": "tid"}, T, slices={"I:SPX": slices})))
+    assert not result.ok and "not JSON" in result.error and result.tables == [] and result.contracts == 0
+    assert not result.fatal and result.pages > 0

@@ -22,20 +22,22 @@ from .helpers import (
     ChainClient,
     ChainFetcher,
     ChainResult,
+    ExpirationRange,
     ProviderError,
     RateLimiter,
     RetryPolicy,
     SymbolFetchError,
     dedupe_pages,
+    expiration_slices,
     iter_results,
     normalise_page,
     pin_next_url,
 )
 
 __all__ = [
-    "ChainFetcher", "ChainResult", "PolygonConfiguration", "ProviderError", "RateLimiter", "RetryPolicy",
-    "SymbolFetchError", "normalise_page", "options_chains", "pin_next_url", "polygon_configuration",
-    "polygon_source",
+    "ChainFetcher", "ChainResult", "ExpirationRange", "PolygonConfiguration", "ProviderError", "RateLimiter",
+    "RetryPolicy", "SymbolFetchError", "expiration_slices", "normalise_page", "options_chains", "pin_next_url",
+    "polygon_configuration", "polygon_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ class PolygonConfiguration(BaseConfiguration):
     backoff_factor: float = settings.BACKOFF_FACTOR
     max_retry_delay: float = settings.MAX_RETRY_DELAY
     read_timeout: float = settings.READ_TIMEOUT
+    slice_contracts: int = settings.SLICE_CONTRACTS  # 0: never split a chain into slices
     requests_per_minute: Optional[float] = None  # noqa: UP045 (None: no client-side limit)
     polygon_requests_per_minute: Optional[float] = None  # noqa: UP045 (the same, as POLYGON_REQUESTS_PER_MINUTE)
 

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
@@ -461,6 +461,9 @@ def _provider_message(response: requests.Response) -> str:
     return ""
 
 
+ExpirationRange = tuple[date | None, date | None]  # inclusive bounds; None: open on that side
+
+
 @dataclass
 class ChainResult:
     """One symbol's fetch: its deduplicated Arrow pages and what happened."""
@@ -500,8 +503,16 @@ class ChainClient:
         self._config = RuntimeConfiguration()
         self.limiter = limiter  # shared with every other client of the same key
 
-    def fetch(self, symbol: str, ticker_id: str, snapshot_time: datetime) -> ChainResult:
+    def fetch(self, symbol: str, ticker_id: str, snapshot_time: datetime,
+              expirations: ExpirationRange | None = None) -> ChainResult:
         """Fetch every page of the symbol's chain and normalise it.
+
+        Args:
+            symbol: the underlying.
+            ticker_id: its `tickers.id`.
+            snapshot_time: the snapshot identity stored in `time`.
+            expirations: only this slice of the chain (inclusive bounds, None: open), sent as
+                `expiration_date.gte` / `expiration_date.lte` (the cursor keeps them).
 
         Returns:
             A ChainResult; `error` set if the symbol failed (after retries, or bad data).
@@ -518,6 +529,9 @@ class ChainClient:
         )
         path = settings.SNAPSHOT_PATH.format(underlying=quote(symbol, safe=""))
         params = {"limit": settings.PAGE_LIMIT, **self.extra_params}
+        for name, bound in zip(("expiration_date.gte", "expiration_date.lte"), expirations or (), strict=False):
+            if bound is not None:
+                params[name] = bound.isoformat()
         tables: list[pa.Table] = []
         try:
             pages = client.paginate(path, params=params, hooks={"response": [_read_response]}, allow_redirects=False)
@@ -560,6 +574,78 @@ class ChainClient:
         return result
 
 
+def expiration_slices(counts: Sequence[tuple[date, int]], slice_contracts: int) -> list[ExpirationRange]:
+    """Expiration ranges that split a chain into parallel fetches of about `slice_contracts`
+    contracts each, cut at expirations so that the slices hold similar numbers of contracts.
+
+    Args:
+        counts: (expiration, contracts) of an earlier snapshot of the chain, in date order.
+        slice_contracts: contracts per slice (0: never split).
+
+    Returns:
+        No ranges when the chain is small enough for one fetch; else ranges whose first and last
+        are open, so that together they cover any expiration (listed since or not).
+    """
+    total = sum(n for _, n in counts)
+    parts = -(-total // slice_contracts) if slice_contracts > 0 else 0
+    if parts < 2:
+        return []
+    cuts: list[date] = []  # the last expiration of each slice but the last
+    seen = 0  # contracts up to and including `previous`
+    for (previous, before), (_, n) in zip(counts, counts[1:], strict=False):
+        seen += before
+        # Cut before an expiration that lies mostly beyond the next boundary (none is split).
+        if len(cuts) < parts - 1 and seen + n / 2 > total * (len(cuts) + 1) / parts:
+            cuts.append(previous)
+    if not cuts:
+        return []
+    starts = [None, *(cut + timedelta(days=1) for cut in cuts)]
+    return list(zip(starts, [*cuts, None], strict=True))
+
+
+def merge_slices(results: Sequence[ChainResult]) -> ChainResult:
+    """One symbol's result from its slices' (in slice order): the symbol fails if any slice did,
+    and then nothing of it is loaded, exactly as when one request of an unsplit chain fails."""
+    first = results[0]
+    merged = ChainResult(first.symbol, first.ticker_id, pages=sum(r.pages for r in results),
+                         elapsed=max(r.elapsed for r in results))
+    for r in results:
+        merged.reject_reasons.update(r.reject_reasons)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        fatal = [r for r in failed if r.fatal]
+        merged.error = (fatal or failed)[0].error
+        merged.fatal = bool(fatal)
+        merged.attempted = any(r.attempted for r in results)
+        return merged
+    merged.tables, _ = dedupe_pages([t for r in results for t in r.tables])
+    merged.rejected = sum(merged.reject_reasons.values())
+    merged.contract_tickers = [t for table in merged.tables for t in table.column("contract_ticker").to_pylist()]
+    merged.contracts = len(merged.contract_tickers)
+    return merged
+
+
+def _joined(futures: list[Future[ChainResult]]) -> Future[ChainResult]:
+    """A future resolved with merge_slices of `futures` once all of them are done."""
+    joined: Future[ChainResult] = Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def done(_: Future[ChainResult]) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        try:
+            joined.set_result(merge_slices([f.result() for f in futures]))
+        except BaseException as exc:  # noqa: BLE001 (handed to whoever waits on the future)
+            joined.set_exception(exc)
+
+    for future in futures:
+        future.add_done_callback(done)
+    return joined
+
+
 class ChainFetcher:
     """A pool of `concurrency` threads fetching chains in submission order. Callers may submit the
     next batch (or day) before loading the current one: its fetches start as workers free up, so
@@ -574,18 +660,26 @@ class ChainFetcher:
         self._stop = threading.Event()
         self.fatal: str | None = None
 
-    def submit(self, client: ChainClient, symbols: Mapping[str, str],
-               snapshot_time: datetime) -> list[Future[ChainResult]]:
-        """Queue the symbols' fetches; returns their futures in symbol order."""
-        return [self._pool.submit(self._work, client, symbol, ticker_id, snapshot_time)
-                for symbol, ticker_id in symbols.items()]
+    def submit(self, client: ChainClient, symbols: Mapping[str, str], snapshot_time: datetime,
+               slices: Mapping[str, Sequence[ExpirationRange]] | None = None) -> list[Future[ChainResult]]:
+        """Queue the symbols' fetches; returns their futures in symbol order. A symbol with
+        `slices` (expiration ranges covering every date, see expiration_slices) is fetched as
+        that many request chains in parallel, one future for all of them (merge_slices)."""
+        futures = []
+        for symbol, ticker_id in symbols.items():
+            parts = list((slices or {}).get(symbol) or [None])
+            pending = [self._pool.submit(self._work, client, symbol, ticker_id, snapshot_time, part)
+                       for part in parts]
+            futures.append(pending[0] if len(pending) == 1 else _joined(pending))
+        return futures
 
-    def _work(self, client: ChainClient, symbol: str, ticker_id: str, snapshot_time: datetime) -> ChainResult:
+    def _work(self, client: ChainClient, symbol: str, ticker_id: str, snapshot_time: datetime,
+              expirations: ExpirationRange | None = None) -> ChainResult:
         if self._stop.is_set():
             return ChainResult(symbol, ticker_id, error=f"not fetched: {self.fatal or 'the run stopped'}",
                                fatal=True, attempted=False)
         try:
-            return client.fetch(symbol, ticker_id, snapshot_time)
+            return client.fetch(symbol, ticker_id, snapshot_time, expirations)
         except ProviderError as exc:
             self.fatal = self.fatal or str(exc)
             self._stop.set()

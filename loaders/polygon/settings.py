@@ -16,6 +16,10 @@ MAX_RETRY_DELAY = 30.0  # also caps a Retry-After header
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 
+# A chain known to hold more than this many contracts is fetched as parallel expiration-range
+# slices of about this size (its pages are otherwise one request after another).
+SLICE_CONTRACTS = 2_500
+
 TABLE_NAME = "options_chains"
 ITEM_ROWS = 50_000  # rows per item the resource yields (several symbols' chains together)
 PRIMARY_KEY = ("time", "contract_ticker")
