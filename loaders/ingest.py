@@ -211,9 +211,11 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, seen: Mapping[str, Sequenc
     contracts seen are active (reactivated if they had gone), the symbols' other contracts last
     seen before `snapshot` are deactivated. A snapshot older than what a contract already records
     (a later sighting or deactivation) changes only its first/last seen times. Nothing is deleted.
-    Two statements for any number of symbols (a batch's): per-symbol statements cost more."""
+    The same state whatever order the snapshots are stored in. Three statements for any number of
+    symbols (a batch's): per-symbol statements cost more."""
     if not seen:
         return
+    contracts = [ticker for tickers in seen.values() for ticker in tickers]
     cur.execute(
         "insert into option_contracts as oc (contract_ticker, ticker_id, expiration_date, strike_price,"
         " option_type, first_seen_at, last_seen_at, active)"
@@ -226,12 +228,23 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, seen: Mapping[str, Sequenc
         " deactivated_at = case when %(t)s >= coalesce(oc.deactivated_at, oc.last_seen_at) then null"
         " else oc.deactivated_at end"
         " where not oc.active or %(t)s > oc.last_seen_at or %(t)s < oc.first_seen_at",
-        {"t": snapshot, "seen": [ticker for tickers in seen.values() for ticker in tickers]},
+        {"t": snapshot, "seen": contracts},
     )
+    # A day stored late (retried after a failure, or a backfill) gives the state the days would have
+    # given in order: it is the earlier snapshot that saw a contract gone (deactivated_at moves back
+    # to it), and a contract it saw last is gone from the symbol's next snapshot already stored.
     cur.execute(
         "update option_contracts set active = false, deactivated_at = %(t)s"
-        " where ticker_id = any(%(tids)s::uuid[]) and active and last_seen_at < %(t)s",
+        " where ticker_id = any(%(tids)s::uuid[]) and last_seen_at < %(t)s"
+        " and (active or deactivated_at > %(t)s)",
         {"t": snapshot, "tids": list(seen)},
+    )
+    cur.execute(
+        "update option_contracts oc set active = false, deactivated_at = later.time"
+        " from unnest(%(tids)s::uuid[]) as b (ticker_id) cross join lateral (select c.time from options_chains c"
+        " where c.ticker_id = b.ticker_id and c.time > %(t)s order by c.time limit 1) as later"
+        " where oc.ticker_id = b.ticker_id and oc.last_seen_at = %(t)s and oc.contract_ticker = any(%(seen)s)",
+        {"t": snapshot, "tids": list(seen), "seen": contracts},
     )
 
 
