@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint unit browser demo bench clean
+.PHONY: install test lint unit soak browser demo bench clean
 
 # Idempotent and fast when pyproject.toml has not changed since the last install.
 install: $(STAMP)
@@ -35,6 +35,10 @@ unit: install browser
 	$(BIN)/pytest -q
 
 test: lint unit
+
+# The slow tests `make test` leaves out (pyproject: -m 'not slow'): the 20-day soak under random faults.
+soak: install
+	$(BIN)/pytest -q -m slow
 
 demo: install
 	$(BIN)/kapman demo

@@ -233,6 +233,19 @@ def test_a_foreign_next_url_never_gets_the_key(database, db_url, live, market) -
     assert all(r.query.get("apiKey") == "test-key" for r in live.requests) and len(live.requests) == 2
 
 
+def test_days_stored_out_of_order_give_the_lifecycle_of_days_stored_in_order(database, db_url, second_database,
+                                                                            market) -> None:
+    days = ["2025-06-13", "2025-06-18", "2025-06-23"]  # the June 20 expiry goes; strikes come and go
+    for db in (database, second_database):
+        watch(db, ("a", "KO"), ("a", "F"))
+    for day in days:  # in order
+        assert run(second_database.url(), "--provider", "simulator", "--as-of", day)[0] == 0
+    for day in (days[2], days[0], days[1]):  # the middle day retried last, the first stored after the last
+        assert run(db_url, "--provider", "simulator", "--as-of", day)[0] == 0
+    assert lifecycle(database) == lifecycle(second_database)
+    assert count(database, "select count(*) from option_contracts where not active") > 0
+
+
 # --- the provider refuses -----------------------------------------------------------------------
 
 @pytest.mark.parametrize(("key", "status", "message"), [
