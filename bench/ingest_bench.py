@@ -7,13 +7,15 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import re
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 from harness import SIM_KEY, PgServer, Simulator, add_watchlist, count_rows, kapman
 
+from loaders import db as dbmod
 from loaders.simulator import Market, full_market_universe
 from loaders.trading_calendar import latest_trading_date, snapshot_time
 
@@ -57,23 +59,25 @@ def pick_symbols(target: int, day: date, exclude: tuple[str, ...] = ()) -> dict[
 
 
 def run_project(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: int, workdir: Path,
-                label: str, env: dict[str, str] | None = None) -> Run:
-    """`kapman ingest` in a child process on a fresh database (the day the simulator serves as
-    its current one: the live endpoint's path, no `date=`)."""
-    database = pg.fresh(label)
-    add_watchlist(database, symbols)
+                label: str, env: dict[str, str] | None = None, database: dbmod.Database | None = None,
+                extra: tuple[str, ...] = ()) -> Run:
+    """`kapman ingest` in a child process, on a fresh database unless one is given (the day the
+    simulator serves as its current one: the live endpoint's path, no `date=`)."""
+    if database is None:
+        database = pg.fresh(label)
+        add_watchlist(database, symbols)
     summary = workdir / f"{label}-summary.json"
     sim.cpu_seconds()
     db_cpu = pg.cpu_seconds()
     run = kapman(["ingest", "--concurrency", str(concurrency), "--quiet", "--heartbeat", "0",
-                  "--summary-json", str(summary)], database, workdir / label, f"{label}.log",
+                  "--summary-json", str(summary), *extra], database, workdir / label, f"{label}.log",
                  env={"POLYGON_API_KEY": SIM_KEY, "POLYGON_BASE_URL": sim.base_url} | (env or {}))
     server_cpu = sim.cpu_seconds()
     db_cpu = _since(pg.cpu_seconds(), db_cpu)
     result = json.loads(summary.read_text())
     if result["symbols_failed"]:
         raise RuntimeError(f"{label}: {result['symbols_failed']} symbols failed; see {run.log_path}")
-    rows = count_rows(database)
+    rows = sum(s["contracts"] for s in result["symbols"])  # this run's rows (a database may hold others)
     pages = sum(s["pages"] for s in result["symbols"])
     return Run("kapman ingest", len(symbols), rows, pages, run.wall_s, run.peak_rss_mb, server_cpu,
                run.cpu_s, db_cpu, extra={"in_run_s": result["duration_s"], "rows_written": result["rows_written"]})
@@ -86,8 +90,6 @@ def run_plain(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: int
 
     database = pg.fresh(label)
     ticker_ids = add_watchlist(database, symbols)
-    from loaders import db as dbmod
-
     with database.connect() as conn:
         dbmod.ensure_partitions(conn, [snapshot_time(day)])
     ctx = mp.get_context("spawn")
@@ -146,24 +148,37 @@ def full_market(pg: PgServer, workdir: Path, concurrency: int, latency_s: float)
     return run
 
 
-def one_large_chain(pg: PgServer, workdir: Path, concurrency: int, latency_s: float,
-                    symbol: str = "I:SPX") -> list[Run]:
-    """A run that holds one very large chain: `symbol` alone, then `symbol` with the same number of
-    contracts again in other symbols (is the big chain on the critical path?)."""
+def one_large_chain(pg: PgServer, workdir: Path, concurrency: int, latencies: tuple[float, ...],
+                    symbol: str = "I:SPX") -> list[tuple[Run, Run]]:
+    """A very large chain with and without expiration-range slices: `symbol` alone at each
+    latency, and with as many contracts again in other symbols at the first. Each pair runs on one
+    database that already holds the chain (stored under the day before by a first run), the
+    unsplit run first (`slice_contracts` 0), then the split one, each under a snapshot of its own."""
     day = latest_trading_date()
     size = len(Market(SEED).chain(symbol, day))
     others = sorted(pick_symbols(size, day, exclude=(symbol,)))
-    runs = []
-    with Simulator(SEED, day, latency_s, warm=[symbol, *others]) as sim:
-        for label, symbols in ((f"{symbol} alone", [symbol]),
-                               (f"{len(others)} symbols, same size", others),
-                               (f"{symbol} + those", [symbol, *others])):
-            safe = label.replace(" ", "_").replace(":", "").replace(",", "").replace("+", "and")
-            run = run_project(sim, pg, symbols, concurrency, workdir, safe)
-            run.note = label
-            runs.append(run)
-            _log_run(run)
-    return runs
+    stamps = [(snapshot_time(day) - timedelta(days=n)).isoformat() for n in (2, 1, 0)]
+    scenarios = [(latency, f"{symbol} alone", [symbol]) for latency in latencies]
+    scenarios.append((latencies[0], f"{symbol} + {len(others)} symbols", [symbol, *others]))
+    pairs = []
+    for latency in latencies:
+        with Simulator(SEED, day, latency, warm=[symbol, *others]) as sim:
+            for _, label, symbols in [s for s in scenarios if s[0] == latency]:
+                safe = re.sub(r"\W+", "_", f"{label}_{latency * 1000:.0f}ms")
+                database = pg.fresh(safe[:30].lower())
+                add_watchlist(database, symbols)
+                run_project(sim, pg, symbols, concurrency, workdir, f"{safe}_history", database=database,
+                            extra=("--snapshot-time", stamps[0]))
+                pair = []
+                for split, stamp in ((False, stamps[1]), (True, stamps[2])):
+                    run = run_project(sim, pg, symbols, concurrency, workdir, f"{safe}_{'split' if split else 'serial'}",
+                                      env={} if split else {"SOURCES__POLYGON__SLICE_CONTRACTS": "0"},
+                                      database=database, extra=("--snapshot-time", stamp))
+                    run.note = f"{label}, {latency * 1000:.0f} ms, {'slices' if split else 'one pagination'}"
+                    _log_run(run)
+                    pair.append(run)
+                pairs.append((pair[0], pair[1]))
+    return pairs
 
 
 def _log_run(run: Run) -> None:
