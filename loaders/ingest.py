@@ -16,7 +16,8 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -32,7 +33,8 @@ from .trading_calendar import is_trading_day, latest_trading_date, snapshot_time
 log = logging.getLogger("kapman.ingest")
 
 PIPELINE_NAME = "options_chains"
-LOAD_BATCH_SYMBOLS = 50  # symbols fetched per dlt pipeline run (a load) within a day
+LOAD_BATCH_SYMBOLS = 50  # symbols fetched per dlt pipeline run (a load) within a day, at most
+FIRST_BATCH_SYMBOLS = 8  # the first load's: see load_batches
 # Plausible tickers: AAPL, BRK.B, I:SPX. Anything else never reaches a URL.
 SYMBOL_RE = re.compile(r"^(?:I:)?[A-Z][A-Z0-9]{0,9}(?:\.[A-Z0-9]{1,4})?$")
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -248,6 +250,20 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, seen: Mapping[str, Sequenc
     )
 
 
+def load_batches(symbols: Sequence[str]) -> list[list[str]]:
+    """The day's symbols in load batches of FIRST_BATCH_SYMBOLS, twice that, and so on up to
+    LOAD_BATCH_SYMBOLS. Nothing is loaded until a batch is fetched, and each load overlaps the
+    fetching of the next batch: a small first batch starts the database's work early."""
+    batches: list[list[str]] = []
+    size = min(FIRST_BATCH_SYMBOLS, LOAD_BATCH_SYMBOLS)
+    start = 0
+    while start < len(symbols):
+        batches.append(list(symbols[start:start + size]))
+        start += size
+        size = min(2 * size, LOAD_BATCH_SYMBOLS)
+    return batches
+
+
 def earlier_expirations(conn: psycopg2.extensions.connection, ticker_ids: Sequence[str],
                         snapshot: datetime, min_contracts: int) -> dict[str, list[tuple[date, int]]]:
     """(expiration, contracts) of each ticker's latest stored chain at or before `snapshot`, for
@@ -280,7 +296,8 @@ class _DayPlan:
 @dataclass
 class _Run:
     """One run's state. Fetches go through one pool, a batch ahead of the loads: while a batch
-    loads, the next one (of the same day, or the next day's first) is already being fetched."""
+    loads, the next one (of the same day, or the next day's first) is already being fetched, and
+    the previous one's follow-up (ledger, lifecycle) runs in the finisher thread."""
 
     args: argparse.Namespace
     database: dbmod.Database
@@ -292,9 +309,24 @@ class _Run:
     days: list[date]
     symbols: list[str]
     current: date
+    finishing: psycopg2.extensions.connection  # the finisher's own connection
+    finisher: ThreadPoolExecutor  # one thread: each batch's follow-up, in order
     plans: dict[date, _DayPlan] = field(default_factory=dict)
     submitted: dict[tuple[date, tuple[str, ...]], list[Any]] = field(default_factory=dict)
     clients: dict[date | None, Any] = field(default_factory=dict)
+    finished: Future[None] | None = None  # the latest batch's follow-up
+
+    def finish_later(self, work: Callable[..., None], *args: Any) -> None:
+        """Run a batch's follow-up after the previous batch's (one at a time, in order), while
+        the caller goes on loading."""
+        self.wait_finished()
+        self.finished = self.finisher.submit(work, *args)
+
+    def wait_finished(self) -> None:
+        """Wait for the follow-ups handed over so far; their exception (a lost database) raises here."""
+        if self.finished is not None:
+            finished, self.finished = self.finished, None
+            finished.result()
 
     @property
     def fatal(self) -> str | None:
@@ -309,7 +341,7 @@ class _Run:
             refusal = self.provider.refusal(day, self.current)
             done = {} if refusal or self.args.force else completed_symbols(self.work, self.symbols, self.snapshot(day))
             todo = [s for s in self.symbols if s not in done] if not refusal else []
-            batches = [todo[i:i + LOAD_BATCH_SYMBOLS] for i in range(0, len(todo), LOAD_BATCH_SYMBOLS)]
+            batches = load_batches(todo)
             self.plans[day] = _DayPlan(refusal, done, batches)
         return self.plans[day]
 
@@ -362,7 +394,6 @@ class _Run:
         return {s: r for s, r in slices.items() if r}
 
 
-
 def _pipeline(database: dbmod.Database, args: argparse.Namespace) -> Any:
     import dlt
     from dlt.common.runtime.collector import LogCollector, NullCollector
@@ -405,8 +436,9 @@ def _symbol_line(outcome: SymbolOutcome, reasons: dict[str, int] | None = None) 
 
 def _load_batch(run: _Run, day: date, snapshot: datetime, batch: Sequence[str], futures: list[Any],
                 heartbeat: Heartbeat) -> list[SymbolOutcome]:
-    """Load one batch of fetched (or being fetched) symbols in one dlt pipeline run, then record
-    each symbol's outcome: ledger, lifecycle, log line."""
+    """Load one batch of fetched (or being fetched) symbols in one dlt pipeline run, then hand
+    the rest (rows written, ledger, lifecycle, log lines) to the finisher: the next batch loads
+    meanwhile. The outcomes' rows_written are set once run.wait_finished() returns."""
     from dlt.pipeline.exceptions import PipelineStepFailed
 
     from .polygon import ChainResult, options_chains
@@ -429,30 +461,38 @@ def _load_batch(run: _Run, day: date, snapshot: datetime, batch: Sequence[str], 
         run.pipeline.abort_packages()
         _check_database(run.database)
 
-    written: dict[str, int] = {}
-    if load_ids:
-        with run.work.cursor() as cur:
-            cur.execute("select ticker_id::text, count(*) from options_chains"
-                        " where time = %s and _dlt_load_id = any(%s) group by 1", (snapshot, load_ids))
-            written = dict(cur.fetchall())
     outcomes: list[tuple[SymbolOutcome, ChainResult]] = []
     for symbol in batch:
         result = results.get(symbol) or ChainResult(symbol, run.ticker_ids[symbol], error="not fetched")
         error = result.error or load_error
         outcomes.append((SymbolOutcome(
-            day, symbol, "ok" if error is None else "failed", result.pages, result.contracts,
-            written.get(result.ticker_id, 0) if error is None else 0, result.rejected, error,
-            round(result.elapsed, 3),
+            day, symbol, "ok" if error is None else "failed", result.pages, result.contracts, 0,
+            result.rejected, error, round(result.elapsed, 3),
         ), result))
-    with run.work.cursor() as cur:
+    run.finish_later(_finish_batch, run.finishing, snapshot, outcomes, load_ids)
+    return [outcome for outcome, _ in outcomes]
+
+
+def _finish_batch(conn: psycopg2.extensions.connection, snapshot: datetime,
+                  outcomes: list[tuple[SymbolOutcome, Any]], load_ids: list[str]) -> None:
+    """After a batch's load, on the finisher's connection: rows written per symbol, then ledger
+    and lifecycle in one transaction (they agree), then the symbols' log lines."""
+    written: dict[str, int] = {}
+    with conn.cursor() as cur:
+        if load_ids:
+            cur.execute("select ticker_id::text, count(*) from options_chains"
+                        " where time = %s and _dlt_load_id = any(%s) group by 1", (snapshot, load_ids))
+            written = dict(cur.fetchall())
+        for outcome, result in outcomes:
+            if outcome.outcome == "ok":
+                outcome.rows_written = written.get(result.ticker_id, 0)
         update_lifecycle(cur, {r.ticker_id: r.contract_tickers for o, r in outcomes if o.outcome == "ok"},
                          snapshot)
         for outcome, _ in outcomes:
             _ledger_finish(cur, outcome, snapshot)
-    run.work.commit()  # one transaction per batch: ledger and lifecycle agree
+    conn.commit()
     for outcome, result in outcomes:
         _symbol_line(outcome, dict(result.reject_reasons))
-    return [outcome for outcome, _ in outcomes]
 
 
 def _check_database(database: dbmod.Database) -> None:
@@ -485,6 +525,7 @@ def ingest_day(run: _Run, day: date, snapshot: datetime, symbols: Sequence[str])
         futures = run.submit(day, batch)
         run.prefetch_after(day, index)
         result.symbols.extend(_load_batch(run, day, snapshot, batch, futures, heartbeat))
+    run.wait_finished()  # the day's rows_written, ledger and lifecycle are complete
     attempted = [s for s in result.symbols if s.outcome != "skipped"]
     if run.fatal:
         result.outcome, result.error = "failed", run.fatal
@@ -593,9 +634,11 @@ def _run_days(args: argparse.Namespace, database: dbmod.Database, days: list[dat
                                  "nothing written; try again when it has finished")
         try:
             with (open_provider(args.provider) as provider, database.connect() as work,
-                  ChainFetcher(args.concurrency) as fetcher):
+                  database.connect() as finishing, ChainFetcher(args.concurrency) as fetcher,
+                  ThreadPoolExecutor(1, thread_name_prefix="finisher") as finisher):
                 run = _Run(args, database, work, provider, ensure_tickers(work, symbols),
-                           _pipeline(database, args), fetcher, days, symbols, latest_trading_date())
+                           _pipeline(database, args), fetcher, days, symbols, latest_trading_date(),
+                           finishing, finisher)
                 work.commit()
                 for day in days:
                     snapshot = run.snapshot(day)
