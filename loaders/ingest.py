@@ -479,9 +479,10 @@ def _finish_batch(conn: psycopg2.extensions.connection, snapshot: datetime,
     and lifecycle in one transaction (they agree), then the symbols' log lines."""
     written: dict[str, int] = {}
     with conn.cursor() as cur:
-        if load_ids:
-            cur.execute("select ticker_id::text, count(*) from options_chains"
-                        " where time = %s and _dlt_load_id = any(%s) group by 1", (snapshot, load_ids))
+        if load_ids:  # the batch's rows only (ticker_id, time index), not the whole day's so far
+            cur.execute("select ticker_id::text, count(*) from options_chains where ticker_id = any(%s::uuid[])"
+                        " and time = %s and _dlt_load_id = any(%s) group by 1",
+                        ([r.ticker_id for _, r in outcomes], snapshot, load_ids))
             written = dict(cur.fetchall())
         for outcome, result in outcomes:
             if outcome.outcome == "ok":
