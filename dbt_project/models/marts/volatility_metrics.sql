@@ -94,7 +94,9 @@ run_tickers as (
 
 -- Where each ticker's history starts: the oldest of the iv_history_days most recent non-null
 -- values of either series before the run's first date (index range scans on the mart's key).
-history_floors as (
+-- Materialised: inlined, the planner re-ran these lookups for every history row it joined
+-- (750 times for 3 tickers at 250 days: 115 ms instead of 5).
+history_floors as materialized (
 
     select
         run_tickers.ticker_id,
