@@ -270,11 +270,14 @@ def earlier_expirations(conn: psycopg2.extensions.connection, ticker_ids: Sequen
     the tickers whose chain held at least `min_contracts` (one index lookup per ticker)."""
     with conn.cursor() as cur:
         cur.execute(
-            "select c.ticker_id::text, c.expiration_date, count(*)"
+            "select t.ticker_id::text, c.expiration_date, count(*)"
             " from unnest(%(tids)s::uuid[]) as t (ticker_id)"
             " cross join lateral (select max(time) as time from options_chains o"
             "  where o.ticker_id = t.ticker_id and o.time <= %(t)s) as latest"
-            " join options_chains c on c.ticker_id = t.ticker_id and c.time = latest.time"
+            # `offset 0` fences the lateral: flattened into a join, the planner hash-joins a scan
+            # of every partition (whole seconds at a few million rows) instead of an index lookup.
+            " cross join lateral (select c.expiration_date from options_chains c"
+            "  where c.ticker_id = t.ticker_id and c.time = latest.time offset 0) as c"
             " group by 1, 2 order by 1, 2",
             {"tids": list(ticker_ids), "t": snapshot},
         )
