@@ -162,8 +162,10 @@ def test_a_client_side_rate_limit_keeps_the_run_under_the_plans_limit(database, 
     assert code == 0 and summary["symbols_ok"] == len(symbols)
     assert server.rate_limited == 0 and len(sent) == 16
     assert elapsed >= 15 * 60 / 540 * 0.95
-    gaps = [b.time - a.time for a, b in zip(sent, sent[1:], strict=False)]
-    assert min(gaps) > 0.08
+    # Slots are 0.111 s apart; a request delivered late (a busy machine) can shorten the next gap,
+    # never a span of several slots by more than that delay.
+    times = [r.time for r in sent]
+    assert min(b - a for a, b in zip(times, times[4:], strict=False)) > 4 * 60 / 540 - 0.1
     assert sum(chain_rows(database, s) for s in symbols) == sum(len(market.chain(s, TODAY)) for s in symbols)
 
 

@@ -129,7 +129,8 @@ def _integer(value: Any, name: str) -> int | None:
     number = _number(value, name)
     if number is None:
         return None
-    if not number.is_integer():
+    # bigint columns: a value past 64 bits is rejected here, not an OverflowError for the chain.
+    if not number.is_integer() or abs(number) >= 2.0**63:
         raise _Reject(f"unparseable {name}")
     return int(number)
 
@@ -138,7 +139,7 @@ def _nanos_to_micros(value: Any, name: str) -> int | None:
     """Polygon timestamps are Unix nanoseconds; PostgreSQL keeps microseconds."""
     if value is None:
         return None
-    if type(value) is not int or value < 0:
+    if type(value) is not int or not 0 <= value < 2**63:
         raise _Reject(f"unparseable {name}")
     return value // 1000
 
