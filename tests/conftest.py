@@ -3,6 +3,7 @@ else embedded), and a fresh database per test cloned from a template that alread
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -52,14 +53,24 @@ def template_db(pg_server: dbmod.Database) -> Iterator[str]:
     janitor.drop()
 
 
+@contextlib.contextmanager
+def fresh_database(pg_server: dbmod.Database, template_db: str,
+                   prefix: str = "kapman_test") -> Iterator[dbmod.Database]:
+    """A migrated database cloned from the template, dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{next(_counter)}"
+    janitor = _janitor(pg_server, name, template=template_db)
+    janitor.init()
+    try:
+        yield pg_server.with_dbname(name)
+    finally:
+        janitor.drop()
+
+
 @pytest.fixture
 def database(pg_server: dbmod.Database, template_db: str) -> Iterator[dbmod.Database]:
     """A fresh, migrated database for one test."""
-    name = f"kapman_test_{os.getpid()}_{next(_counter)}"
-    janitor = _janitor(pg_server, name, template=template_db)
-    janitor.init()
-    yield pg_server.with_dbname(name)
-    janitor.drop()
+    with fresh_database(pg_server, template_db) as db:
+        yield db
 
 
 @pytest.fixture

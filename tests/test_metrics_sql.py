@@ -7,7 +7,6 @@ trading dates computes them all (real PostgreSQL, real dbt)."""
 from __future__ import annotations
 
 import math
-import os
 import random
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -18,7 +17,7 @@ import pytest
 from loaders import db as dbmod
 from loaders import metrics
 from loaders.trading_calendar import trading_days
-from tests.conftest import _janitor, query
+from tests.conftest import fresh_database, query
 from tests.metrics_reference import Contract, Reference
 from tests.metrics_support import (  # noqa: F401  (fixtures)
     add_watchlist,
@@ -93,12 +92,8 @@ def _random_chain(rng: random.Random, day: date) -> list[Contract]:
 @pytest.fixture(scope="module")
 def module_database(pg_server: dbmod.Database, template_db: str) -> Iterator[dbmod.Database]:
     """One migrated database for the module: one dbt parse, one build for every chain."""
-    name = f"kapman_metrics_sql_{os.getpid()}"
-    janitor = _janitor(pg_server, name, template=template_db)
-    janitor.drop()
-    janitor.init()
-    yield pg_server.with_dbname(name)
-    janitor.drop()
+    with fresh_database(pg_server, template_db, prefix="kapman_metrics_sql") as db:
+        yield db
 
 
 @pytest.fixture(scope="module")

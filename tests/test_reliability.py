@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from loaders.simulator import Fault, Market, SimulatorServer
 from loaders.simulator.market import Profile, _schedule
 from loaders.trading_calendar import latest_trading_date
 from tests import test_ingest
-from tests.conftest import _janitor, query
+from tests.conftest import fresh_database, query
 from tests.metrics_reference import Contract
 from tests.metrics_support import dbt_artifacts_in_tmp, documents, insert_chain, run_metrics  # noqa: F401
 from tests.test_ingest import count, per_symbol, run, watch
@@ -54,11 +53,8 @@ sys.exit(cli.main(sys.argv[1:]))
 @pytest.fixture
 def second_database(pg_server: dbmod.Database, template_db: str) -> Iterator[dbmod.Database]:
     """Another fresh database on the same server: the fault-free reference run goes there."""
-    name = f"kapman_ref_{os.getpid()}_{time.monotonic_ns()}"
-    janitor = _janitor(pg_server, name, template=template_db)
-    janitor.init()
-    yield pg_server.with_dbname(name)
-    janitor.drop()
+    with fresh_database(pg_server, template_db, prefix="kapman_ref") as db:
+        yield db
 
 
 def stored(database: dbmod.Database) -> list[tuple]:
