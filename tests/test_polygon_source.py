@@ -255,7 +255,11 @@ def test_source_fetches_in_parallel_and_isolates_a_failing_symbol(simulator, mon
                             on_chain=seen.append, polygon_api_key="test-key", polygon_base_url=simulator.base_url)
     started = time.monotonic()
     tables = list(source.resources["options_chains"])
-    assert time.monotonic() - started < 1.5  # 3 pages of KO at 0.3 s while the others run alongside
+    elapsed = time.monotonic() - started
+    # One after another would take 0.3 s per request; in parallel the longest chain (3 pages of KO)
+    # sets the pace. The margin is for a busy machine.
+    sequential = 0.3 * len(simulator.requests)
+    assert sequential >= 2.4 and elapsed < 0.7 * sequential
     outcomes = {r.symbol: r.ok for r in seen}
     assert outcomes == {"F": True, "KO": True, "T": False, "PFE": True}
     assert {t for table in tables for t in table.column("ticker_id").to_pylist()} == {"f", "k", "p"}
