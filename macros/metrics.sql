@@ -7,6 +7,26 @@
 ]) }}
 {%- endmacro %}
 
+{#- One series' history per (ticker, date): its non-null values on the `history_days` earlier
+    rows of `relation`, for history_rank and history_percentile. -#}
+{% macro iv_history(relation, column, history_days) -%}
+select
+    ticker_id,
+    as_of_date,
+    {{ column }} as iv_value,
+    count(*) over history as history_count,
+    min({{ column }}) over history as history_min,
+    max({{ column }}) over history as history_max,
+    array_agg({{ column }}) over history as history_values
+from {{ relation }}
+where {{ column }} is not null
+window history as (
+    partition by ticker_id
+    order by as_of_date
+    rows between {{ history_days }} preceding and 1 preceding
+)
+{%- endmacro %}
+
 {#- IV rank of one series against its history: `history` names a relation with iv_value,
     history_count, history_min, history_max; null below min_history points or when max = min. -#}
 {% macro history_rank(history, min_history) -%}

@@ -179,41 +179,13 @@ metric_series as (
 
 average_iv_history as (
 
-    select
-        ticker_id,
-        as_of_date,
-        average_iv as iv_value,
-        count(*) over history as history_count,
-        min(average_iv) over history as history_min,
-        max(average_iv) over history as history_max,
-        array_agg(average_iv) over history as history_values
-    from metric_series
-    where average_iv is not null
-    window history as (
-        partition by ticker_id
-        order by as_of_date
-        rows between {{ history_days }} preceding and 1 preceding
-    )
+    {{ iv_history('metric_series', 'average_iv', history_days) }}
 
 ),
 
 atm_iv_30d_history as (
 
-    select
-        ticker_id,
-        as_of_date,
-        atm_iv_30d as iv_value,
-        count(*) over history as history_count,
-        min(atm_iv_30d) over history as history_min,
-        max(atm_iv_30d) over history as history_max,
-        array_agg(atm_iv_30d) over history as history_values
-    from metric_series
-    where atm_iv_30d is not null
-    window history as (
-        partition by ticker_id
-        order by as_of_date
-        rows between {{ history_days }} preceding and 1 preceding
-    )
+    {{ iv_history('metric_series', 'atm_iv_30d', history_days) }}
 
 ),
 
