@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -122,6 +123,14 @@ class _Page:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # a hung handler never blocks stop()
     simulator: SimulatorServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client dropping an idle keep-alive connection (a retry, a closed pool) is normal; the
+        # base class would print a traceback for it on stderr.
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            log.debug("client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
