@@ -1,4 +1,4 @@
-"""Range backfill: date expansion, argparse rules, one single-day run per trading day, the ledger's
+"""Range backfill: date expansion, argparse rules, failed days, the ledger's
 skip/retry, the live provider's refusal of history, overlapping ranges."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from datetime import date, timedelta
 import pytest
 
 from loaders import cli, ingest
+from loaders.polygon import ChainClient, ChainResult
 from loaders.trading_calendar import latest_trading_date, snapshot_time, trading_days
 from tests.conftest import query
 from tests.test_ingest import _workdir, count, live, run, watch  # noqa: F401 (fixtures)
@@ -46,26 +47,30 @@ def test_invalid_date_combinations_are_usage_errors(argv, capsys) -> None:
     assert exc.value.code == 2 and "error:" in capsys.readouterr().err
 
 
-def test_a_range_runs_the_single_day_path_once_per_day(database, db_url, monkeypatch) -> None:
-    watch(database, ("a", "F"))
-    calls: list[tuple[date, object]] = []
+def test_a_failed_day_neither_stops_the_range_nor_fails_it(database, db_url, monkeypatch) -> None:
+    watch(database, ("a", "F"), ("a", "KO"))
+    failing = {date(2025, 6, 6)}  # every fetch of these days fails
+    fetch = ChainClient.fetch
 
-    def single_day(run, day, snapshot, symbols):
-        calls.append((day, snapshot))
-        outcome = ingest.DayOutcome(day, snapshot, "failed" if day == date(2025, 6, 6) else "succeeded")
-        outcome.symbols = [ingest.SymbolOutcome(day, s, "failed" if outcome.outcome == "failed" else "ok")
-                           for s in symbols]
-        return outcome
+    def fetch_or_fail(client, symbol, ticker_id, snapshot, expirations=None):
+        if date.fromisoformat(client.extra_params["date"]) in failing:
+            return ChainResult(symbol, ticker_id, snapshot_time=snapshot, error="HTTP 503 after retries")
+        return fetch(client, symbol, ticker_id, snapshot, expirations)
 
-    monkeypatch.setattr(ingest, "ingest_day", single_day)
+    monkeypatch.setattr(ChainClient, "fetch", fetch_or_fail)
     code, summary = run(db_url, "--provider", "simulator", "--start-date", "2025-06-05", "--end-date", "2025-06-10")
     days = [date(2025, 6, 5), date(2025, 6, 6), date(2025, 6, 9), date(2025, 6, 10)]
-    assert calls == [(d, snapshot_time(d)) for d in days]
     assert code == 0  # a failed day does not stop the range, nor fail it
+    assert [(d["date"], d["outcome"], d["error"]) for d in summary["days"]] == [
+        (day.isoformat(), "failed" if day in failing else "succeeded", "every symbol failed" if day in failing else None)
+        for day in days]
     assert (summary["days_attempted"], summary["days_succeeded"], summary["days_failed"]) == (4, 3, 1)
-    monkeypatch.setattr(ingest, "ingest_day", lambda run, day, snapshot, symbols: ingest.DayOutcome(
-        day, snapshot, "failed", "boom"))
-    assert run(db_url, "--provider", "simulator", "--start-date", "2025-06-05", "--end-date", "2025-06-06")[0] == 1
+    assert query(database, "select distinct time from options_chains order by 1") == \
+        [(snapshot_time(d),) for d in days if d not in failing]
+    failing.add(date(2025, 6, 5))
+    code, summary = run(db_url, "--provider", "simulator", "--start-date", "2025-06-05", "--end-date", "2025-06-06",
+                        "--force")
+    assert code == 1 and summary["days_failed"] == 2  # every day failed: the run fails
 
 
 def test_completed_pairs_are_skipped_failed_and_partial_ones_retried(database, db_url, caplog) -> None:
@@ -109,7 +114,7 @@ def test_overlapping_ranges_give_one_snapshot_per_trading_day_and_no_duplicates(
     code, first = run(db_url, "--provider", "simulator", "--start-date", "2025-06-04", "--end-date", "2025-06-06",
                       "--heartbeat", "1")
     assert code == 0 and first["days_succeeded"] == 3
-    assert "HEARTBEAT 1/2 symbols" in capsys.readouterr().err
+    assert "HEARTBEAT 1/6 symbols" in capsys.readouterr().err
     code, second = run(db_url, "--provider", "simulator", "--start-date", "2025-06-05", "--end-date", "2025-06-10",
                        "--quiet")
     assert code == 0 and (second["days_skipped"], second["days_succeeded"]) == (2, 2)

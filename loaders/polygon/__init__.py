@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import date, datetime
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import dlt
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 from dlt.common.configuration import configspec, resolve_configuration
 from dlt.common.configuration.specs import BaseConfiguration
 from dlt.common.libs.pyarrow import py_arrow_to_table_schema_columns
 from dlt.common.schema.typing import TTableSchemaColumns
+from dlt.common.storages.load_package import CurrentLoadPackageStateNotAvailable
 from dlt.common.typing import TSecretStrValue
 from dlt.extract.resource import DltResource
 
@@ -35,7 +41,7 @@ from .helpers import (
 )
 
 __all__ = [
-    "ChainFetcher", "ChainResult", "ExpirationRange", "PolygonConfiguration", "ProviderError", "RateLimiter",
+    "ChainClient", "ChainFetcher", "ChainResult", "ExpirationRange", "PolygonConfiguration", "ProviderError", "RateLimiter",
     "RetryPolicy", "SymbolFetchError", "expiration_slices", "normalise_page", "options_chains", "pin_next_url",
     "polygon_configuration", "polygon_source",
 ]
@@ -142,15 +148,24 @@ def polygon_source(
 
 
 def _column_hints() -> TTableSchemaColumns:
-    """ARROW_SCHEMA as dlt column hints. The timestamps go into the load files as UTC without an
-    offset (`timezone: False`): pyarrow's csv writer formats zoned timestamps about 50 times slower
-    than naive ones, and that was most of the normalize step. The columns stay timestamptz and
-    the pipeline's connections read the files in UTC (ingest._pipeline)."""
+    """ARROW_SCHEMA and the load id as dlt column hints. The resource writes the load files itself
+    (see options_chains); their timestamps are UTC without an offset (`timezone: False`), which
+    the pipeline's connections read in UTC (ingest._pipeline)."""
     columns = py_arrow_to_table_schema_columns(ARROW_SCHEMA)
     for column in columns.values():
         if column.get("data_type") == "timestamp":
             column["timezone"] = False
+    columns[LOAD_ID_COLUMN] = {"name": LOAD_ID_COLUMN, "data_type": "text", "nullable": False}
     return columns
+
+
+LOAD_ID_COLUMN = "_dlt_load_id"
+# The csv's columns: ARROW_SCHEMA with naive timestamps (pyarrow formats zoned timestamps about
+# 50 times slower), then the load id.
+_CSV_SCHEMA = pa.schema(
+    [pa.field(f.name, pa.timestamp("us"), f.nullable) if pa.types.is_timestamp(f.type) else f for f in ARROW_SCHEMA]
+    + [pa.field(LOAD_ID_COLUMN, pa.string(), nullable=False)]
+)
 
 
 @dlt.resource(
@@ -166,41 +181,56 @@ def _column_hints() -> TTableSchemaColumns:
 def options_chains(
     chains: Iterable[ChainResult],
     on_chain: Callable[[ChainResult], None] | None = None,
-) -> Iterator[pa.Table]:
-    """Yields the successfully fetched chains (deduplicated) as Arrow tables of about ITEM_ROWS
-    rows, several symbols each.
+) -> Iterator[Any]:
+    """Yields the successfully fetched chains (deduplicated) as csv load files of about ITEM_ROWS
+    rows, several symbols each, written here and imported by dlt as they are (Arrow tables when
+    the resource is iterated outside a pipeline).
+
+    Arrow items would be written to parquet by dlt's extract and rewritten to csv by its normalize
+    step; for rows already typed and validated that round trip was most of the loader's time
+    outside fetching. The files carry the load id, as dlt's normalizer would add it.
 
     Args:
         chains: fetch results (helpers.iter_results, or a ChainFetcher's that runs ahead).
         on_chain: called with each result before its rows are yielded; without it failures are
             logged and a provider failure raises once the symbols already fetched are yielded.
     """
-    emitted: set[str] = set()  # a MERGE may touch a row once: a contract goes in once per load
+    # A MERGE may touch a row once: a contract goes in once per load and snapshot time.
+    emitted: dict[datetime | None, set[str]] = collections.defaultdict(set)
     fatal: str | None = None
     pending: list[pa.Table] = []
     pending_rows = 0
-    for result in chains:
-        if result.ok:
-            result.tables, result.duplicates = dedupe_pages(result.tables, emitted)
-        if on_chain is not None:
-            on_chain(result)
-        elif not result.ok:
-            log.error("%s: %s", result.symbol, result.error)
-            fatal = fatal or (result.error if result.fatal and result.attempted else None)
-        pending += result.tables
-        pending_rows += sum(table.num_rows for table in result.tables)
-        result.tables = []  # the rows live on in `pending`, then in dlt's files: never held twice
-        if pending_rows >= settings.ITEM_ROWS:
-            yield _item(pending)
-            pending, pending_rows = [], 0
-    if pending:
-        yield _item(pending)
+    with tempfile.TemporaryDirectory(prefix="kapman-load-") as directory:
+        files = (Path(directory) / f"{n}.csv" for n in itertools.count())
+        for result in chains:
+            if result.ok:
+                result.tables, result.duplicates = dedupe_pages(result.tables, emitted[result.snapshot_time])
+            if on_chain is not None:
+                on_chain(result)
+            elif not result.ok:
+                log.error("%s: %s", result.symbol, result.error)
+                fatal = fatal or (result.error if result.fatal and result.attempted else None)
+            pending += result.tables
+            pending_rows += sum(table.num_rows for table in result.tables)
+            result.tables = []  # the rows live on in `pending`, then in the load file: never held twice
+            if pending_rows >= settings.ITEM_ROWS:
+                yield _load_file(pending, next(files))
+                pending, pending_rows = [], 0
+        if pending:
+            yield _load_file(pending, next(files))
     if fatal:
         raise ProviderError(fatal)
 
 
-def _item(pages: list[pa.Table]) -> pa.Table:
-    """Pages of several symbols as one item with contiguous columns. dlt computes and validates
-    the table schema once per item (tens of milliseconds), and writes 250-row chunks far slower
-    than whole columns."""
-    return pa.concat_tables(pages).combine_chunks()
+def _load_file(pages: list[pa.Table], path: Path) -> Any:
+    """Pages of several symbols as one csv load file at `path`, marked for import (dlt hard-links
+    it into the load package before asking for the next item, so `path` may go). Iterated outside
+    a pipeline, where there is no load package, the resource yields the pages as one Arrow table."""
+    table = pa.concat_tables(pages)
+    try:
+        load_id = dlt.current.load_package_state()["load_id"]
+    except CurrentLoadPackageStateNotAvailable:
+        return table.combine_chunks()
+    table = table.append_column(LOAD_ID_COLUMN, pa.repeat(load_id, table.num_rows).cast(pa.string()))
+    pa_csv.write_csv(table.cast(_CSV_SCHEMA), path, pa_csv.WriteOptions(quoting_style="needed"))
+    return dlt.mark.with_file_import(str(path), "csv", table.num_rows)

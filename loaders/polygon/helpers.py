@@ -472,6 +472,7 @@ class ChainResult:
     symbol: str
     ticker_id: str
     tables: list[pa.Table] = field(default_factory=list)
+    snapshot_time: datetime | None = None  # the rows' `time`
     pages: int = 0
     contracts: int = 0
     rejected: int = 0
@@ -522,7 +523,7 @@ class ChainClient:
             ProviderError: 401/403 or the provider cannot be reached: no symbol can succeed.
         """
         started = time.monotonic()
-        result = ChainResult(symbol=symbol, ticker_id=ticker_id)
+        result = ChainResult(symbol=symbol, ticker_id=ticker_id, snapshot_time=snapshot_time)
         client = RESTClient(
             base_url=self.base_url, auth=self._auth, paginator=PinnedLinkPaginator(self.base_url),
             data_selector=_RESULTS, session=_session(symbol, self.policy, self._adapter, self.limiter),
@@ -608,7 +609,8 @@ def merge_slices(results: Sequence[ChainResult]) -> ChainResult:
     """One symbol's result from its slices' (in slice order): the symbol fails if any slice did,
     and then nothing of it is loaded, exactly as when one request of an unsplit chain fails."""
     first = results[0]
-    merged = ChainResult(first.symbol, first.ticker_id, pages=sum(r.pages for r in results),
+    merged = ChainResult(first.symbol, first.ticker_id, snapshot_time=first.snapshot_time,
+                         pages=sum(r.pages for r in results),
                          elapsed=max(r.elapsed for r in results))
     for r in results:
         merged.reject_reasons.update(r.reject_reasons)
