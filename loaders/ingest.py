@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import re
@@ -19,8 +20,8 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -39,9 +40,14 @@ PIPELINE_NAME = "options_chains"
 # A load (one dlt pipeline run) takes the symbols fetched by the time it starts, at most these:
 LOAD_BATCH_SYMBOLS = 50
 LOAD_ROWS = 250_000
+# ... and waits for fetches until it has this many rows: the first load's few (the database
+# starts early), then twice the previous load's up to the last (a load costs about 0.5 s whatever
+# its size, so loads of what happened to be fetched were many and small).
+LOAD_MIN_ROWS = (10_000, 80_000)
 # Fetched rows waiting for a load, at most: no new fetch starts beyond it (memory stays flat).
 BUFFER_ROWS = 300_000
 COPY_CHUNK_BYTES = 1 << 20  # see _large_copy_chunks
+PARSE_PROCESSES = 2  # processes that parse pages (0: in the fetch threads); see _parser_pool
 # Plausible tickers: AAPL, BRK.B, I:SPX. Anything else never reaches a URL.
 SYMBOL_RE = re.compile(r"^(?:I:)?[A-Z][A-Z0-9]{0,9}(?:\.[A-Z0-9]{1,4})?$")
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -214,22 +220,22 @@ def _ledger_finish(cur: psycopg2.extensions.cursor, outcome: SymbolOutcome, snap
     )
 
 
-def update_lifecycle(cur: psycopg2.extensions.cursor, seen: Mapping[str, Sequence[str]],
-                     snapshot: datetime) -> None:
-    """After successful fetches at `snapshot` (tickers.id -> the contract tickers its chain had):
-    contracts seen are active (reactivated if they had gone), the symbols' other contracts last
+def update_lifecycle(cur: psycopg2.extensions.cursor, ticker_ids: Sequence[str], snapshot: datetime) -> None:
+    """After successful fetches at `snapshot` of these tickers' chains: the contracts stored under
+    the snapshot are active (reactivated if they had gone), the tickers' other contracts last
     seen before `snapshot` are deactivated. A snapshot older than what a contract already records
     (a later sighting or deactivation) changes only its first/last seen times. Nothing is deleted.
     The same state whatever order the snapshots are stored in. Three statements for any number of
-    symbols (a batch's): per-symbol statements cost more."""
-    if not seen:
+    tickers (a load's), reading the stored rows by index: per-symbol statements, or the contract
+    tickers sent along, cost more."""
+    if not ticker_ids:
         return
-    contracts = [ticker for tickers in seen.values() for ticker in tickers]
+    params = {"t": snapshot, "tids": list(ticker_ids)}
     cur.execute(
         "insert into option_contracts as oc (contract_ticker, ticker_id, expiration_date, strike_price,"
         " option_type, first_seen_at, last_seen_at, active)"
         " select c.contract_ticker, c.ticker_id, c.expiration_date, c.strike_price, c.option_type,"
-        " c.time, c.time, true from options_chains c where c.time = %(t)s and c.contract_ticker = any(%(seen)s)"
+        " c.time, c.time, true from options_chains c where c.ticker_id = any(%(tids)s::uuid[]) and c.time = %(t)s"
         " on conflict (contract_ticker) do update set"
         " first_seen_at = least(oc.first_seen_at, excluded.first_seen_at),"
         " last_seen_at = greatest(oc.last_seen_at, excluded.last_seen_at),"
@@ -237,7 +243,7 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, seen: Mapping[str, Sequenc
         " deactivated_at = case when %(t)s >= coalesce(oc.deactivated_at, oc.last_seen_at) then null"
         " else oc.deactivated_at end"
         " where not oc.active or %(t)s > oc.last_seen_at or %(t)s < oc.first_seen_at",
-        {"t": snapshot, "seen": contracts},
+        params,
     )
     # A day stored late (retried after a failure, or a backfill) gives the state the days would have
     # given in order: it is the earlier snapshot that saw a contract gone (deactivated_at moves back
@@ -246,14 +252,14 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, seen: Mapping[str, Sequenc
         "update option_contracts set active = false, deactivated_at = %(t)s"
         " where ticker_id = any(%(tids)s::uuid[]) and last_seen_at < %(t)s"
         " and (active or deactivated_at > %(t)s)",
-        {"t": snapshot, "tids": list(seen)},
+        params,
     )
     cur.execute(
         "update option_contracts oc set active = false, deactivated_at = later.time"
         " from unnest(%(tids)s::uuid[]) as b (ticker_id) cross join lateral (select c.time from options_chains c"
         " where c.ticker_id = b.ticker_id and c.time > %(t)s order by c.time limit 1) as later"
-        " where oc.ticker_id = b.ticker_id and oc.last_seen_at = %(t)s and oc.contract_ticker = any(%(seen)s)",
-        {"t": snapshot, "tids": list(seen), "seen": contracts},
+        " where oc.ticker_id = b.ticker_id and oc.last_seen_at = %(t)s",
+        params,
     )
 
 
@@ -384,9 +390,10 @@ class _Feed:
         """The next fetched symbol, waiting for it; None when every symbol has been taken."""
         return self._next(block=True)
 
-    def take(self, first: tuple[_Day, Any], on_chain: Callable[[_Day, Any], None]) -> Iterator[Any]:
-        """One load's results: `first`, then those fetched by the time they are asked for, up to
-        LOAD_ROWS rows and LOAD_BATCH_SYMBOLS symbols (never waiting for a fetch)."""
+    def take(self, first: tuple[_Day, Any], on_chain: Callable[[_Day, Any], None], min_rows: int) -> Iterator[Any]:
+        """One load's results: `first`, then the next ones as they are fetched until `min_rows`
+        rows (or nothing more will come), then those fetched by then, up to LOAD_ROWS rows and
+        LOAD_BATCH_SYMBOLS symbols."""
         rows = symbols = 0
         item: tuple[_Day, Any] | None = first
         while item is not None:
@@ -397,7 +404,7 @@ class _Feed:
             yield result
             if rows >= LOAD_ROWS or symbols >= LOAD_BATCH_SYMBOLS:
                 return
-            item = self._next(block=False)
+            item = self._next(block=rows < min_rows)
 
     def close(self) -> None:
         with self._cond:
@@ -426,6 +433,7 @@ class _Run:
     # symbol -> (expiration, contracts) of its latest fetched chain: slices the next day's fetch
     expirations: dict[str, list[tuple[date, int]]] = field(default_factory=dict)
     finished: Future[None] | None = None  # the latest load's follow-up
+    parser: Any = None  # processes that parse the pages (see _parser_pool)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def finish_later(self, work: Callable[..., None], *args: Any) -> None:
@@ -452,8 +460,8 @@ class _Run:
         as_of = day if self.provider.historical else None
         with self._lock:
             if as_of not in self.clients:
-                self.clients[as_of] = self.provider.config.client(as_of, pool_size=self.args.concurrency,
-                                                                  limiter=self.provider.limiter)
+                self.clients[as_of] = self.provider.config.client(
+                    as_of, pool_size=self.args.concurrency, limiter=self.provider.limiter, parser=self.parser)
             return self.clients[as_of]
 
     def remember_expirations(self, result: Any) -> None:
@@ -556,7 +564,7 @@ def _symbol_line(outcome: SymbolOutcome, reasons: dict[str, int] | None = None) 
         log.info("%s", text)
 
 
-def _load(run: _Run, feed: _Feed, first: tuple[_Day, Any], heartbeat: Heartbeat) -> None:
+def _load(run: _Run, feed: _Feed, first: tuple[_Day, Any], min_rows: int, heartbeat: Heartbeat) -> None:
     """One dlt pipeline run over the symbols fetched by now (whatever their days), then hand the
     rest (rows written, ledger, lifecycle, log lines) to the finisher: the next load runs meanwhile."""
     from dlt.pipeline.exceptions import PipelineStepFailed
@@ -576,7 +584,7 @@ def _load(run: _Run, feed: _Feed, first: tuple[_Day, Any], heartbeat: Heartbeat)
     try:
         # take() accounts for every result; the resource only writes the rows (it would log and
         # raise on failures without an on_chain of its own).
-        resource = options_chains(feed.take(first, on_chain), on_chain=lambda result: None)
+        resource = options_chains(feed.take(first, on_chain, min_rows), on_chain=lambda result: None)
         started = time.monotonic()
         load_ids = list(run.pipeline.run(resource).loads_ids)
         steps = " ".join(f"{step.step} {(step.finished_at - step.started_at).total_seconds():.2f}s"
@@ -618,7 +626,7 @@ def _finish_load(conn: psycopg2.extensions.connection, outcomes: list[tuple[_Day
             for outcome, result in group:
                 if outcome.outcome == "ok":
                     outcome.rows_written = written.get(result.ticker_id, 0)
-            update_lifecycle(cur, {r.ticker_id: r.contract_tickers for o, r in group if o.outcome == "ok"}, snapshot)
+            update_lifecycle(cur, [r.ticker_id for o, r in group if o.outcome == "ok"], snapshot)
             for outcome, _ in group:
                 _ledger_finish(cur, outcome, snapshot)
     conn.commit()
@@ -678,8 +686,10 @@ def ingest_days(run: _Run, days: Sequence[date], out: list[DayOutcome]) -> None:
     heartbeat = Heartbeat(log, run.args.heartbeat, sum(len(p.todo) for p in plans), "symbols")
     feed = _Feed(run, plans)
     try:
+        min_rows = LOAD_MIN_ROWS[0]
         while (first := feed.first()) is not None:
-            _load(run, feed, first, heartbeat)
+            _load(run, feed, first, min_rows, heartbeat)
+            min_rows = min(2 * min_rows, LOAD_MIN_ROWS[1])
         run.wait_finished()  # every load's rows_written, ledger and lifecycle are written
     finally:
         feed.close()
@@ -782,6 +792,23 @@ def run(args: argparse.Namespace) -> int:
     return exit_code
 
 
+@contextlib.contextmanager
+def _parser_pool() -> Iterator[ProcessPoolExecutor | None]:
+    """Processes that parse and normalise the pages (JSON to Arrow, about 10 µs a contract): in the
+    fetch threads that work held the GIL most of the time, starving the loads' Python side. Forked
+    from a forkserver that has imported the source's code, so a worker starts in milliseconds."""
+    if PARSE_PROCESSES < 1:
+        yield None
+        return
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["loaders.polygon.helpers"])
+    pool = ProcessPoolExecutor(PARSE_PROCESSES, mp_context=context)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _run_days(args: argparse.Namespace, database: dbmod.Database, days: list[date], symbols: list[str],
               days_out: list[DayOutcome]) -> int:
     from .polygon import ChainFetcher
@@ -791,11 +818,12 @@ def _run_days(args: argparse.Namespace, database: dbmod.Database, days: list[dat
             raise dbmod.LockHeld(f"another ingestion holds the 'ingest' lock ({_lock_holder(lock_conn)}): "
                                  "nothing written; try again when it has finished")
         try:
-            with (open_provider(args.provider) as provider, database.connect() as work,
+            with (_parser_pool() as parser, open_provider(args.provider) as provider, database.connect() as work,
                   database.connect() as finishing, ChainFetcher(args.concurrency) as fetcher,
                   ThreadPoolExecutor(1, thread_name_prefix="finisher") as finisher):
                 run = _Run(args, database, work, provider, ensure_tickers(work, symbols),
-                           _pipeline(database, args), fetcher, symbols, latest_trading_date(), finishing, finisher)
+                           _pipeline(database, args), fetcher, symbols, latest_trading_date(), finishing, finisher,
+                           parser=parser)
                 work.commit()
                 ingest_days(run, days, days_out)
                 if run.fatal:

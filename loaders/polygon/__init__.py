@@ -7,6 +7,7 @@ import itertools
 import logging
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Executor
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -75,10 +76,11 @@ class PolygonConfiguration(BaseConfiguration):
             limit = self.polygon_requests_per_minute
         return None if limit is None else RateLimiter(limit)
 
-    def client(self, as_of: date | None = None, pool_size: int = 4,
-               limiter: RateLimiter | None = None) -> ChainClient:
+    def client(self, as_of: date | None = None, pool_size: int = 4, limiter: RateLimiter | None = None,
+               parser: Executor | None = None) -> ChainClient:
         """A client for one snapshot day (None: the current chain, the live endpoint's only one);
-        without a limiter, one of its own for the configured limit."""
+        without a limiter, one of its own for the configured limit; pages parsed in `parser`'s
+        processes if given (see ChainClient)."""
         if not self.polygon_api_key:
             raise ValueError("no Polygon API key (POLYGON_API_KEY)")
         if self.max_attempts < 1 or self.retry_budget < 0:
@@ -88,7 +90,7 @@ class PolygonConfiguration(BaseConfiguration):
                              read_timeout=self.read_timeout)
         extra = {"date": as_of.isoformat()} if as_of else None
         return ChainClient(self.polygon_base_url, self.polygon_api_key, policy, extra_params=extra,
-                           pool_size=pool_size, limiter=limiter or self.rate_limiter())
+                           pool_size=pool_size, limiter=limiter or self.rate_limiter(), parser=parser)
 
 
 def polygon_configuration() -> PolygonConfiguration:

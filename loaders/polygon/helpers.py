@@ -9,13 +9,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import requests
 from dlt.common.configuration.specs import RuntimeConfiguration
 from dlt.common.json import json as _dlt_json
@@ -249,24 +250,23 @@ def dedupe_pages(tables: Sequence[pa.Table], already: set[str] | None = None) ->
             (a MERGE may not touch a row twice). Updated with this symbol's tickers.
 
     Returns:
-        The filtered pages (empty ones dropped) and the number of rows dropped.
+        The filtered pages as one table (none if empty) and the number of rows dropped.
     """
-    last: dict[str, tuple[int, int]] = {}
-    tickers = [t.column("contract_ticker").to_pylist() for t in tables]
-    for p, page in enumerate(tickers):
-        for i, ticker in enumerate(page):
-            last[ticker] = (p, i)
-    taken = already if already is not None else set()
-    out: list[pa.Table] = []
-    dropped = 0
-    for p, (table, page) in enumerate(zip(tables, tickers, strict=True)):
-        mask = [last[t] == (p, i) and t not in taken for i, t in enumerate(page)]
-        keep = sum(mask)
-        dropped += len(page) - keep
-        if keep:
-            out.append(table if keep == len(page) else table.filter(pa.array(mask)))
-    taken.update(last)
-    return out, dropped
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return [], 0
+    table = pa.concat_tables(tables)
+    tickers = table.column("contract_ticker")
+    # The last row of each ticker, found in Arrow (this runs for every contract fetched).
+    position = pa.table({"ticker": tickers, "row": pa.array(range(table.num_rows), pa.int64())})
+    last = position.group_by("ticker", use_threads=False).aggregate([("row", "max")]).column("row_max")
+    keep = pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=last)
+    if already:
+        keep = pc.and_(keep, pc.invert(pc.is_in(tickers, value_set=pa.array(list(already), pa.string()))))
+    if already is not None:
+        already.update(pc.unique(tickers).to_pylist())
+    kept = table if pc.all(keep).as_py() else table.filter(keep)
+    return [kept] if kept.num_rows else [], table.num_rows - kept.num_rows
 
 
 # --- HTTP: origin pinning, retries, paging ------------------------------------------------------
@@ -434,22 +434,40 @@ def _unreachable(exc: requests.ConnectionError) -> bool:
     return isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError)
 
 
-def _read_response(response: requests.Response, *args: Any, **kwargs: Any) -> None:
-    """Response hook: raise on HTTP errors (the retry wrapper decides about 429/5xx), parse the
-    JSON once (dlt's extractor and paginator both ask for it) and check its shape."""
+def _check_response(response: requests.Response) -> None:
+    """Raise on HTTP errors (the retry wrapper decides about 429/5xx) and on redirects."""
     if response.status_code >= 400:
         raise requests.HTTPError(f"HTTP {response.status_code}", response=response)
     if response.is_redirect:  # never followed: the key would go wherever the Location points
         target = urlsplit(response.headers.get("Location", ""))
         raise SymbolFetchError(f"refused HTTP {response.status_code} redirect to {target.scheme}://{target.netloc}"
                                f"{target.path} (set POLYGON_BASE_URL to the API's own origin)")
+
+
+@dataclass
+class ParsedPage:
+    """One page read: its valid contracts as an ARROW_SCHEMA table, the rejected ones by reason."""
+
+    table: pa.Table
+    rejected: Counter[str]
+
+
+def parse_page(content: bytes, content_type: str | None, ticker_id: str,
+               snapshot_time: datetime) -> tuple[ParsedPage, Any]:
+    """A page's body as a ParsedPage and its `next_url`. A plain function of bytes, so that a
+    process pool can run it (ChainClient's `parser`).
+
+    Raises:
+        SymbolFetchError: the body is not JSON or has no list of results.
+    """
     try:
-        body = loadb(response.content)
+        body = loadb(content)
     except ValueError:
-        raise SymbolFetchError(f"unreadable response: not JSON ({response.headers.get('Content-Type')})") from None
+        raise SymbolFetchError(f"unreadable response: not JSON ({content_type})") from None
     if not isinstance(body, dict) or not isinstance(body.get("results", []) or [], list):
         raise SymbolFetchError("unreadable response: no list of results")
-    response.json = lambda **_: body  # type: ignore[method-assign]
+    table, rejected = normalise_page(body.get("results") or [], ticker_id, snapshot_time)
+    return ParsedPage(table, rejected), body.get("next_url")
 
 
 def _provider_message(response: requests.Response) -> str:
@@ -478,7 +496,6 @@ class ChainResult:
     rejected: int = 0
     reject_reasons: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0  # rows another symbol of the same load already had
-    contract_tickers: list[str] = field(default_factory=list)  # every valid contract seen
     error: str | None = None
     fatal: bool = False  # the provider failed for everyone (the run stops)
     attempted: bool = True
@@ -494,7 +511,7 @@ class ChainClient:
 
     def __init__(self, base_url: str, api_key: str, policy: RetryPolicy | None = None,
                  extra_params: Mapping[str, str] | None = None, pool_size: int = 32,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, parser: Executor | None = None) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.origin = "{0.scheme}://{0.netloc}".format(urlsplit(base_url))
         self.policy = policy or RetryPolicy()
@@ -504,6 +521,9 @@ class ChainClient:
         self._adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
         self._config = RuntimeConfiguration()
         self.limiter = limiter  # shared with every other client of the same key
+        # Where pages are parsed and normalised: None in the fetching thread, else this pool (of
+        # processes: that work holds the GIL, which the fetch threads and the loads need).
+        self.parser = parser
 
     def fetch(self, symbol: str, ticker_id: str, snapshot_time: datetime,
               expirations: ExpirationRange | None = None) -> ChainResult:
@@ -535,13 +555,25 @@ class ChainClient:
             if bound is not None:
                 params[name] = bound.isoformat()
         tables: list[pa.Table] = []
+
+        def read(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+            # Response hook: the body parsed once, as {"results": ParsedPage, "next_url": ...} for
+            # the paginator and the data selector (dlt's RESTClient asks response.json() for both).
+            _check_response(response)
+            parse_args = (response.content, response.headers.get("Content-Type"), ticker_id, snapshot_time)
+            if self.parser is None:
+                page, next_url = parse_page(*parse_args)
+            else:
+                page, next_url = self.parser.submit(parse_page, *parse_args).result()
+            body = {"results": page, "next_url": next_url}
+            response.json = lambda **_: body  # type: ignore[method-assign]
+
         try:
-            pages = client.paginate(path, params=params, hooks={"response": [_read_response]}, allow_redirects=False)
-            for page in pages:
+            pages = client.paginate(path, params=params, hooks={"response": [read]}, allow_redirects=False)
+            for page in pages:  # [ParsedPage]: the selector's one value, wrapped in a list
                 result.pages += 1
-                table, rejected = normalise_page(page, ticker_id, snapshot_time)
-                tables.append(table)
-                result.reject_reasons.update(rejected)
+                tables.append(page[0].table)
+                result.reject_reasons.update(page[0].rejected)
         except requests.HTTPError as exc:
             response = exc.response
             status = response.status_code if response is not None else 0
@@ -571,8 +603,7 @@ class ChainClient:
         if result.ok:
             result.tables, _ = dedupe_pages(tables)
             result.rejected = sum(result.reject_reasons.values())
-            result.contract_tickers = [t for table in result.tables for t in table.column("contract_ticker").to_pylist()]
-            result.contracts = len(result.contract_tickers)
+            result.contracts = sum(table.num_rows for table in result.tables)
         return result
 
 
@@ -623,8 +654,7 @@ def merge_slices(results: Sequence[ChainResult]) -> ChainResult:
         return merged
     merged.tables, _ = dedupe_pages([t for r in results for t in r.tables])
     merged.rejected = sum(merged.reject_reasons.values())
-    merged.contract_tickers = [t for table in merged.tables for t in table.column("contract_ticker").to_pylist()]
-    merged.contracts = len(merged.contract_tickers)
+    merged.contracts = sum(table.num_rows for table in merged.tables)
     return merged
 
 
