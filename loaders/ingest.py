@@ -254,11 +254,15 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, ticker_ids: Sequence[str],
         " and (active or deactivated_at > %(t)s)",
         params,
     )
+    # The next stored snapshot of each ticker first (one index probe each, usually none): joined
+    # lateral to option_contracts instead, the planner could run it once per contract (a demo
+    # load stalled for minutes on that plan).
     cur.execute(
-        "update option_contracts oc set active = false, deactivated_at = later.time"
-        " from unnest(%(tids)s::uuid[]) as b (ticker_id) cross join lateral (select c.time from options_chains c"
-        " where c.ticker_id = b.ticker_id and c.time > %(t)s order by c.time limit 1) as later"
-        " where oc.ticker_id = b.ticker_id and oc.last_seen_at = %(t)s",
+        "with later as materialized (select b.ticker_id, n.time from unnest(%(tids)s::uuid[]) as b (ticker_id)"
+        " cross join lateral (select c.time from options_chains c where c.ticker_id = b.ticker_id"
+        " and c.time > %(t)s order by c.time limit 1) as n)"
+        " update option_contracts oc set active = false, deactivated_at = later.time from later"
+        " where oc.ticker_id = later.ticker_id and oc.last_seen_at = %(t)s",
         params,
     )
 
@@ -434,6 +438,7 @@ class _Run:
     expirations: dict[str, list[tuple[date, int]]] = field(default_factory=dict)
     finished: Future[None] | None = None  # the latest load's follow-up
     parser: Any = None  # processes that parse the pages (see _parser_pool)
+    parse_cpu_s: float = 0.0  # CPU time the parser's processes spent on this run's pages
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def finish_later(self, work: Callable[..., None], *args: Any) -> None:
@@ -597,6 +602,8 @@ def _load(run: _Run, feed: _Feed, first: tuple[_Day, Any], min_rows: int, heartb
         run.pipeline.abort_packages()
         _check_database(run.database)
 
+    if run.parser is not None:
+        run.parse_cpu_s += sum(result.parse_cpu_s for _, result in taken)
     outcomes: list[tuple[_Day, SymbolOutcome, Any]] = []
     for day, result in taken:
         error = result.error or load_error
@@ -756,6 +763,7 @@ def run(args: argparse.Namespace) -> int:
     days_out: list[DayOutcome] = []
     provider_name = args.provider
     error: str | None = None
+    cpu: dict[str, float] = {}  # CPU seconds spent outside this process: "parse" (see _parser_pool)
     try:
         database = dbmod.resolve(args.db_url)
         dbmod.upgrade(database)
@@ -774,7 +782,7 @@ def run(args: argparse.Namespace) -> int:
             raise IngestError("none of the requested --symbols is on an active watchlist")
         if not symbols:
             log.warning("no active watchlist symbols: nothing to ingest (load some with `kapman watchlists load`)")
-        exit_code = _run_days(args, database, days, symbols, days_out) if days and symbols else EXIT_OK
+        exit_code = _run_days(args, database, days, symbols, days_out, cpu) if days and symbols else EXIT_OK
         if exit_code:
             failed = [d for d in days_out if d.outcome == "failed"]
             error = "every day failed" if len(failed) > 1 else f"{failed[0].day} failed: {failed[0].error}"
@@ -784,11 +792,11 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
     except dbmod.DatabaseError as exc:
         error, exit_code = str(exc), EXIT_FAILED
-        _finish(args, provider_name, days_out, started_at, started, exit_code, error)
+        _finish(args, provider_name, days_out, started_at, started, exit_code, error, cpu)
         raise
     except dbmod.LockHeld:
         raise
-    _finish(args, provider_name, days_out, started_at, started, exit_code, error)
+    _finish(args, provider_name, days_out, started_at, started, exit_code, error, cpu)
     return exit_code
 
 
@@ -810,7 +818,7 @@ def _parser_pool() -> Iterator[ProcessPoolExecutor | None]:
 
 
 def _run_days(args: argparse.Namespace, database: dbmod.Database, days: list[date], symbols: list[str],
-              days_out: list[DayOutcome]) -> int:
+              days_out: list[DayOutcome], cpu: dict[str, float]) -> int:
     from .polygon import ChainFetcher
 
     with database.connect(autocommit=True) as lock_conn, dbmod.advisory_lock(lock_conn, "ingest") as got:
@@ -825,7 +833,10 @@ def _run_days(args: argparse.Namespace, database: dbmod.Database, days: list[dat
                            _pipeline(database, args), fetcher, symbols, latest_trading_date(), finishing, finisher,
                            parser=parser)
                 work.commit()
-                ingest_days(run, days, days_out)
+                try:
+                    ingest_days(run, days, days_out)
+                finally:
+                    cpu["parse"] = run.parse_cpu_s
                 if run.fatal:
                     raise IngestError(f"run stopped: {run.fatal}")
         except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
@@ -851,9 +862,11 @@ def _lock_holder(conn: psycopg2.extensions.connection) -> str:
 
 
 def _finish(args: argparse.Namespace, provider: str, days: list[DayOutcome], started_at: datetime,
-            started: float, exit_code: int, error: str | None) -> None:
+            started: float, exit_code: int, error: str | None, cpu: dict[str, float]) -> None:
     duration = time.monotonic() - started
     summary = _summary(args, provider, days, started_at, duration, exit_code, error)
+    # the parser processes' CPU, which this process's own CPU time does not include
+    summary["parse_process_cpu_s"] = round(cpu.get("parse", 0.0), 3)
     log.log(
         SUMMARY,
         "ingest END %s: days attempted=%d succeeded=%d failed=%d skipped=%d; symbols ok=%d failed=%d "

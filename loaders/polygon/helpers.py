@@ -450,6 +450,7 @@ class ParsedPage:
 
     table: pa.Table
     rejected: Counter[str]
+    cpu_s: float = 0.0  # CPU time spent parsing it, wherever that ran
 
 
 def parse_page(content: bytes, content_type: str | None, ticker_id: str,
@@ -460,6 +461,7 @@ def parse_page(content: bytes, content_type: str | None, ticker_id: str,
     Raises:
         SymbolFetchError: the body is not JSON or has no list of results.
     """
+    started = time.thread_time()
     try:
         body = loadb(content)
     except ValueError:
@@ -467,7 +469,7 @@ def parse_page(content: bytes, content_type: str | None, ticker_id: str,
     if not isinstance(body, dict) or not isinstance(body.get("results", []) or [], list):
         raise SymbolFetchError("unreadable response: no list of results")
     table, rejected = normalise_page(body.get("results") or [], ticker_id, snapshot_time)
-    return ParsedPage(table, rejected), body.get("next_url")
+    return ParsedPage(table, rejected, time.thread_time() - started), body.get("next_url")
 
 
 def _provider_message(response: requests.Response) -> str:
@@ -500,6 +502,7 @@ class ChainResult:
     fatal: bool = False  # the provider failed for everyone (the run stops)
     attempted: bool = True
     elapsed: float = 0.0
+    parse_cpu_s: float = 0.0  # CPU time of parsing its pages (in the parser's processes, if any)
 
     @property
     def ok(self) -> bool:
@@ -574,6 +577,7 @@ class ChainClient:
                 result.pages += 1
                 tables.append(page[0].table)
                 result.reject_reasons.update(page[0].rejected)
+                result.parse_cpu_s += page[0].cpu_s
         except requests.HTTPError as exc:
             response = exc.response
             status = response.status_code if response is not None else 0
@@ -645,6 +649,7 @@ def merge_slices(results: Sequence[ChainResult]) -> ChainResult:
                          elapsed=max(r.elapsed for r in results))
     for r in results:
         merged.reject_reasons.update(r.reject_reasons)
+        merged.parse_cpu_s += r.parse_cpu_s
     failed = [r for r in results if not r.ok]
     if failed:
         fatal = [r for r in failed if r.fatal]
