@@ -1,8 +1,8 @@
 """`kapman ingest`: option-chain snapshots of the watchlist symbols into options_chains, day by day.
 
-Orchestration only: which days and symbols, the lock, the ledger, the provider, one dlt pipeline
-run per batch of symbols, then the contract lifecycle and the run summary. HTTP, paging and
-normalisation live in the dlt source (loaders/polygon).
+Orchestration only: which days and symbols, the lock, the ledger, the provider, the flow from the
+fetch pool to dlt pipeline runs (each load takes the chains fetched by then), then the contract
+lifecycle and the run summary. HTTP, paging and normalisation live in the dlt source (loaders/polygon).
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ class _Feed:
                             day.submitted += 1
                         future, = run.fetcher.submit(client, {symbol: run.ticker_ids[symbol]}, snapshot,
                                                      slices={symbol: slices[symbol]} if symbol in slices else None)
-                        future.add_done_callback(functools.partial(self._fetched, day))
+                        future.add_done_callback(functools.partial(self._fetched, day, symbol))
         except BaseException as exc:  # noqa: BLE001 (a lost database: raised in the main thread by take)
             self.error = exc
         finally:
@@ -360,8 +360,13 @@ class _Feed:
     def _stopping(self) -> bool:
         return self._stop or self.run.fatal is not None
 
-    def _fetched(self, day: _Day, future: Any) -> None:
-        result = future.result()
+    def _fetched(self, day: _Day, symbol: str, future: Any) -> None:
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 (a bug merging slices: this symbol fails, the run goes on)
+            from .polygon import ChainResult
+
+            result = ChainResult(symbol, self.run.ticker_ids[symbol], error=f"{type(exc).__name__}: {exc}")
         rows = sum(table.num_rows for table in result.tables)
         if result.ok:
             self.run.remember_expirations(result)
