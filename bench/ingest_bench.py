@@ -8,6 +8,7 @@ import json
 import logging
 import multiprocessing as mp
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -103,16 +104,18 @@ def run_plain(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: int
     process = ctx.Process(target=plain_loader.run_in_child, args=(
         child, sim.base_url, SIM_KEY, database.dsn(), concurrency,
         {s: ticker_ids[s] for s in symbols}, day, snapshot_time(day)))
+    started = time.perf_counter()  # the whole process, start-up included, as for `kapman ingest`
     process.start()
     figures = parent.recv()
     process.join()
+    wall = time.perf_counter() - started
     server_cpu = sim.cpu_seconds()
     db_cpu = _since(pg.cpu_seconds(), db_cpu)
     rows = count_rows(database)
     if rows != figures["rows"]:
         raise RuntimeError(f"plain loader: {figures['rows']} rows fetched, {rows} in the table")
-    return Run("plain loader", len(symbols), rows, int(figures["pages"]), figures["seconds"],
-               figures["peak_rss_mb"], server_cpu, figures["cpu_s"], db_cpu)
+    return Run("plain loader", len(symbols), rows, int(figures["pages"]), wall,
+               figures["peak_rss_mb"], server_cpu, figures["cpu_s"], db_cpu, extra={"in_run_s": figures["seconds"]})
 
 
 def _since(now: float | None, before: float | None) -> float | None:
@@ -120,23 +123,34 @@ def _since(now: float | None, before: float | None) -> float | None:
 
 
 def throughput(pg: PgServer, workdir: Path, contracts: int, concurrency: int, latency_s: float,
-               plain: bool = True) -> list[Run]:
+               plain: bool = True, repeat: int = 1) -> list[Run]:
     """The project and (if `plain`) the plain loader on the same chains, served by one warm
-    simulator: the project first, then the plain loader."""
+    simulator, taking turns `repeat` times (each on a fresh database); for each loader the run of
+    median wall time (a shared machine moves single runs by 15% or more; the figures of every
+    run are logged)."""
     day = latest_trading_date()
     picked = pick_symbols(contracts, day)
     symbols = sorted(picked)
-    log.info("ingest: %d symbols, %s contracts on %s, concurrency %d, %.0f ms a page",
-             len(symbols), f"{sum(picked.values()):,}", day, concurrency, latency_s * 1000)
-    runs = []
+    log.info("ingest: %d symbols, %s contracts on %s, concurrency %d, %.0f ms a page, %d run(s) each",
+             len(symbols), f"{sum(picked.values()):,}", day, concurrency, latency_s * 1000, repeat)
+    project: list[Run] = []
+    plains: list[Run] = []
     with Simulator(SEED, day, latency_s, warm=symbols) as sim:
-        label = f"project_{contracts}"
-        runs.append(run_project(sim, pg, symbols, concurrency, workdir, label))
-        _log_run(runs[-1])
-        if plain:
-            runs.append(run_plain(sim, pg, symbols, concurrency, day, f"plain_{contracts}"))
-            _log_run(runs[-1])
-    return runs
+        for n in range(repeat):
+            project.append(run_project(sim, pg, symbols, concurrency, workdir, f"project_{contracts}_{n}"))
+            _log_run(project[-1])
+            if plain:
+                plains.append(run_plain(sim, pg, symbols, concurrency, day, f"plain_{contracts}_{n}"))
+                _log_run(plains[-1])
+    return [_median(project), *([_median(plains)] if plain else [])]
+
+
+def _median(runs: list[Run]) -> Run:
+    ordered = sorted(runs, key=lambda r: r.wall_s)
+    median = ordered[(len(ordered) - 1) // 2]
+    if len(runs) > 1:
+        median.note = f"{median.symbols} symbols, median of {len(runs)} runs ({', '.join(f'{r.wall_s:.1f}' for r in runs)} s)"
+    return median
 
 
 def full_market(pg: PgServer, workdir: Path, concurrency: int, latency_s: float) -> Run:

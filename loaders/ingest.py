@@ -45,7 +45,7 @@ LOAD_ROWS = 250_000
 # its size, so loads of what happened to be fetched were many and small).
 LOAD_MIN_ROWS = (10_000, 80_000)
 # Fetched rows waiting for a load, at most: no new fetch starts beyond it (memory stays flat).
-BUFFER_ROWS = 300_000
+BUFFER_ROWS = 150_000
 COPY_CHUNK_BYTES = 1 << 20  # see _large_copy_chunks
 PARSE_PROCESSES = 2  # processes that parse pages (0: in the fetch threads); see _parser_pool
 # Plausible tickers: AAPL, BRK.B, I:SPX. Anything else never reaches a URL.
