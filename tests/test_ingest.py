@@ -109,6 +109,22 @@ def test_several_symbols_end_to_end_with_pagination(database, db_url, live, mark
     sent = live.requests
     assert all(r.query.get("apiKey") == "test-key" and "date" not in r.query for r in sent)
     assert any(r.path == "/v3/snapshot/options/I%3AVIX" for r in sent)
+    assert summary["parse_process_cpu_s"] > 0  # the pages were parsed in the worker processes
+
+
+def test_pages_are_parsed_in_worker_processes_or_in_the_fetch_threads_alike(database, db_url, live, market,
+                                                                           monkeypatch) -> None:
+    watch(database, ("a", "KO"))
+    code, pooled = run(db_url)
+    assert code == 0 and pooled["parse_process_cpu_s"] > 0
+    stored = query(database, "select * from options_chains order by contract_ticker")
+    monkeypatch.setattr(ingest, "PARSE_PROCESSES", 0)
+    query(database, "delete from options_chains")
+    code, threaded = run(db_url, "--force")
+    assert code == 0 and threaded["parse_process_cpu_s"] == 0
+    again = query(database, "select * from options_chains order by contract_ticker")
+    # the same rows (load ids and insert times aside)
+    assert [r[:25] for r in again] == [r[:25] for r in stored] and len(again) == len(market.chain("KO", TODAY))
 
 
 def test_instants_are_exact_whatever_the_database_time_zone(database, db_url, live, market) -> None:
