@@ -367,7 +367,7 @@ class _Feed:
             from .polygon import ChainResult
 
             result = ChainResult(symbol, self.run.ticker_ids[symbol], error=f"{type(exc).__name__}: {exc}")
-        rows = sum(table.num_rows for table in result.tables)
+        rows = result.contracts
         if result.ok:
             self.run.remember_expirations(result)
         with self._cond:
@@ -391,7 +391,7 @@ class _Feed:
                 continue  # the feeder's wake-up call: look again
             with self._cond:
                 self._taken += 1
-                self._buffered -= sum(table.num_rows for table in result.tables)
+                self._buffered -= result.contracts
                 self._cond.notify_all()
             return day, result
 
@@ -408,7 +408,7 @@ class _Feed:
         while item is not None:
             day, result = item
             on_chain(day, result)
-            rows += sum(table.num_rows for table in result.tables)
+            rows += result.contracts
             symbols += 1
             yield result
             if rows >= LOAD_ROWS or symbols >= LOAD_BATCH_SYMBOLS:

@@ -494,7 +494,7 @@ class ChainResult:
     tables: list[pa.Table] = field(default_factory=list)
     snapshot_time: datetime | None = None  # the rows' `time`
     pages: int = 0
-    contracts: int = 0
+    contracts: int = 0  # rows in `tables` (deduplicated), once fetched
     rejected: int = 0
     reject_reasons: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0  # rows another symbol of the same load already had
