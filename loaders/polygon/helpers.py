@@ -261,10 +261,14 @@ def dedupe_pages(tables: Sequence[pa.Table], already: set[str] | None = None) ->
     position = pa.table({"ticker": tickers, "row": pa.array(range(table.num_rows), pa.int64())})
     last = position.group_by("ticker", use_threads=False).aggregate([("row", "max")]).column("row_max")
     keep = pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=last)
-    if already:
-        keep = pc.and_(keep, pc.invert(pc.is_in(tickers, value_set=pa.array(list(already), pa.string()))))
     if already is not None:
-        already.update(pc.unique(tickers).to_pylist())
+        # Checked against this symbol's tickers only: `already` grows with the load, and turning
+        # it into an Arrow array for every symbol made the check quadratic in the load's size.
+        unique = pc.unique(tickers).to_pylist()
+        taken = [t for t in unique if t in already]
+        if taken:
+            keep = pc.and_(keep, pc.invert(pc.is_in(tickers, value_set=pa.array(taken, pa.string()))))
+        already.update(unique)
     kept = table if pc.all(keep).as_py() else table.filter(keep)
     return [kept] if kept.num_rows else [], table.num_rows - kept.num_rows
 
