@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
@@ -9,6 +10,8 @@ from zoneinfo import ZoneInfo
 import holidays
 
 NEW_YORK = ZoneInfo("America/New_York")
+# Freezes "today" for every command (tests, replays of a past night): YYYY-MM-DD.
+TODAY_VARIABLE = "KAPMAN_TODAY"
 
 
 @lru_cache(maxsize=64)
@@ -32,9 +35,20 @@ def trading_days(start: date, end: date) -> list[date]:
     return days
 
 
+def today() -> date:
+    """The date in New York now, or the date KAPMAN_TODAY freezes it at."""
+    frozen = os.environ.get(TODAY_VARIABLE, "").strip()
+    if frozen:
+        try:
+            return date.fromisoformat(frozen)
+        except ValueError:
+            raise ValueError(f"{TODAY_VARIABLE} must be YYYY-MM-DD, not {frozen!r}") from None
+    return datetime.now(NEW_YORK).date()
+
+
 def latest_trading_date(now: datetime | None = None) -> date:
     """Today's date in New York if it is a trading day, else the last trading day before it."""
-    day = (now or datetime.now(UTC)).astimezone(NEW_YORK).date()
+    day = now.astimezone(NEW_YORK).date() if now else today()
     while not is_trading_day(day):
         day -= timedelta(days=1)
     return day

@@ -7,12 +7,21 @@ import contextlib
 import itertools
 import os
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import pytest
 from pytest_postgresql.janitor import DatabaseJanitor
 
 from loaders import db as dbmod
+from loaders.trading_calendar import TODAY_VARIABLE, is_trading_day
+
+# "Today" for the whole suite, whatever the wall clock says: every command the tests run (and their
+# child processes) reads it from KAPMAN_TODAY. `make test-dates` runs the suite on other dates.
+FROZEN_TODAY = date.fromisoformat(os.environ.get("KAPMAN_TEST_TODAY", "2025-12-19"))
+if not is_trading_day(FROZEN_TODAY):
+    raise pytest.UsageError(f"KAPMAN_TEST_TODAY={FROZEN_TODAY} is not an NYSE trading day")
+os.environ[TODAY_VARIABLE] = FROZEN_TODAY.isoformat()
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 pytest_plugins = (

@@ -11,11 +11,11 @@ import pytest
 
 from loaders import cli, ingest
 from loaders.polygon import ChainClient, ChainResult
-from loaders.trading_calendar import latest_trading_date, snapshot_time, trading_days
-from tests.conftest import query
+from loaders.trading_calendar import snapshot_time, trading_days
+from tests.conftest import FROZEN_TODAY, query
 from tests.test_ingest import _workdir, count, live, run, watch  # noqa: F401 (fixtures)
 
-TODAY = latest_trading_date()
+TODAY = FROZEN_TODAY  # a trading day: the frozen today of tests/conftest.py
 
 
 def _args(**kwargs: object) -> argparse.Namespace:

@@ -15,10 +15,10 @@ import pytest
 from loaders import cli, ingest
 from loaders import db as dbmod
 from loaders.simulator import Fault, Market, SimulatorServer
-from loaders.trading_calendar import latest_trading_date, snapshot_time
-from tests.conftest import PROJECT_DIR, query
+from loaders.trading_calendar import TODAY_VARIABLE, latest_trading_date, snapshot_time
+from tests.conftest import FROZEN_TODAY, PROJECT_DIR, query
 
-TODAY = latest_trading_date()
+TODAY = FROZEN_TODAY  # a trading day: the frozen today of tests/conftest.py
 KEY = "pk-leakcheck-7f3a9c21e5"
 
 
@@ -55,6 +55,11 @@ def run(db_url: str, *argv: str) -> tuple[int, dict]:
     return code, json.loads(summary.read_text()) if summary.exists() else {}
 
 
+def pages(market: Market, symbol: str, day: date = TODAY) -> int:
+    """Requests a whole chain takes at 250 contracts a page (the simulator decides, not the calendar)."""
+    return max(1, -(-len(market.chain(symbol, day)) // 250))
+
+
 def per_symbol(summary: dict) -> dict[str, str]:
     return {s["symbol"]: s["outcome"] for s in summary["symbols"]}
 
@@ -79,6 +84,19 @@ def test_symbols_from_every_active_watchlist_deduplicated_sorted_and_narrowed(da
 
 # --- end to end ---------------------------------------------------------------------------------
 
+def test_the_default_day_on_the_real_clock(database, db_url, market, monkeypatch) -> None:
+    """The one test on the wall clock: whatever today is, the default run stores the current trading
+    date's chain under its snapshot identity."""
+    monkeypatch.delenv(TODAY_VARIABLE)
+    watch(database, ("a", "KO"))
+    code, summary = run(db_url, "--provider", "simulator")
+    day = latest_trading_date()
+    assert code == 0 and summary["days"][0]["date"] == day.isoformat() and per_symbol(summary) == {"KO": "ok"}
+    assert query(database, "select distinct time from options_chains") == [(snapshot_time(day),)]
+    assert count(database, "select count(*) from options_chains") == len(market.chain("KO", day))
+
+
+
 def test_several_symbols_end_to_end_with_pagination(database, db_url, live, market) -> None:
     watch(database, ("a", " ko "), ("a", "F"), ("b", "KO"), ("b", "I:VIX"), ("b", "PFE", False))
     code, summary = run(db_url)
@@ -90,7 +108,7 @@ def test_several_symbols_end_to_end_with_pagination(database, db_url, live, mark
                                  " where k.symbol = %s and c.time = %s", (symbol, t))
         entry = next(s for s in summary["symbols"] if s["symbol"] == symbol)
         assert stored == len(chain) == entry["contracts"] == entry["rows_written"]
-        assert entry["pages"] == -(-len(chain) // 250)
+        assert entry["pages"] == pages(market, symbol)
     # one contract, every column against the provider's JSON
     contract = market.chain("I:VIX", TODAY)[3]
     row = query(database, "select strike_price, option_type, expiration_date, delta, bid, underlying_price,"

@@ -14,13 +14,13 @@ import time
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from ..trading_calendar import NEW_YORK
+from ..trading_calendar import today as calendar_today
 from .market import Market
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,7 @@ class SimulatorServer:
             except ValueError:
                 raise ValueError("date must be YYYY-MM-DD") from None
         else:
-            as_of = self.today or datetime.now(NEW_YORK).date()
+            as_of = self.today or calendar_today()
         bounds = []
         for name in _EXPIRATION_FILTERS:
             try:
