@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint unit soak browser demo bench clean
+.PHONY: install test test-dates lint unit soak browser demo bench clean
 
 # Idempotent and fast when pyproject.toml has not changed since the last install.
 install: $(STAMP)
@@ -35,6 +35,11 @@ unit: install browser
 	$(BIN)/pytest -q
 
 test: lint unit
+
+# The suite on three more frozen dates (a month end, a Friday before a holiday, a Monday); `make test`
+# freezes 2025-12-19 and keeps one test on the real clock. No expected count may depend on the day.
+test-dates: install browser
+	for day in 2025-10-31 2026-01-16 2025-12-15; do KAPMAN_TEST_TODAY=$$day $(BIN)/pytest -q || exit 1; done
 
 # The slow tests `make test` leaves out (pyproject: -m 'not slow'): the 20-day soak under random faults.
 soak: install
