@@ -159,16 +159,19 @@ to_compute as (
         is_published,
         (options_snapshot_at at time zone 'utc')::date < as_of_date as is_stale,
         -- Any reconstructed row makes the snapshot reconstructed (the diagnostics say so). A
-        -- lookup on the partial index of reconstructed rows, evaluated for computed rows only:
-        -- a live snapshot has no entry there, so this reads none of its contracts.
-        exists(
-            select 1
+        -- lookup per computed row in the partial index of reconstructed rows, where a live
+        -- snapshot has no entry: none of its contracts is read. A scalar subquery with a limit,
+        -- not exists(): PostgreSQL may turn an exists() into one hash of every reconstructed
+        -- row of every ticker, a read that grows with all reconstructed history. Any row answers.
+        coalesce((
+            select true
             from options_chains
             where
                 options_chains.ticker_id = chosen_snapshots.ticker_id
                 and options_chains.snapshot_at = chosen_snapshots.options_snapshot_at
                 and options_chains.source = 'reconstructed'
-        ) as is_reconstructed
+            limit 1  -- noqa: AM09
+        ), false) as is_reconstructed
     from chosen_snapshots
     where
         is_published
