@@ -1,7 +1,7 @@
 {#-
     One row per (active watchlist ticker, trading date) this run computes, with its options
     snapshot: the latest options_chains time at or before S = D 23:59:59.999999 UTC, found by a
-    bounded lookup on the (ticker_id, time) index. Rows:
+    bounded lookup on the (ticker_id, time) index, and whether it was reconstructed. Rows:
     - requested: the trading dates between vars start_date and end_date (default: the latest
       trading date that has options data); with var fill_missing, published only where
       daily_snapshots has no volatility_metrics_json yet;
@@ -157,7 +157,21 @@ to_compute as (
         snapshot_at,
         options_snapshot_at,
         is_published,
-        (options_snapshot_at at time zone 'utc')::date < as_of_date as is_stale
+        (options_snapshot_at at time zone 'utc')::date < as_of_date as is_stale,
+        -- Any reconstructed row makes the snapshot reconstructed (the diagnostics say so). A
+        -- lookup per computed row in the partial index of reconstructed rows, where a live
+        -- snapshot has no entry: none of its contracts is read. A scalar subquery with a limit,
+        -- not exists(): PostgreSQL may turn an exists() into one hash of every reconstructed
+        -- row of every ticker, a read that grows with all reconstructed history. Any row answers.
+        coalesce((
+            select true
+            from options_chains
+            where
+                options_chains.ticker_id = chosen_snapshots.ticker_id
+                and options_chains.snapshot_at = chosen_snapshots.options_snapshot_at
+                and options_chains.source = 'reconstructed'
+            limit 1  -- noqa: AM09
+        ), false) as is_reconstructed
     from chosen_snapshots
     where
         is_published
