@@ -145,6 +145,28 @@ def test_pages_are_parsed_in_worker_processes_or_in_the_fetch_threads_alike(data
     assert [r[:25] for r in again] == [r[:25] for r in stored] and len(again) == len(market.chain("KO", TODAY))
 
 
+def test_the_copy_chunk_patch_is_active(database, db_url, live, market, monkeypatch) -> None:
+    """The one patch of a library kept (ingest.pipeline.large_copy_chunks): dlt's csv COPY goes
+    through our cursor, in large chunks. Fails the day dlt opens its connections or COPYs otherwise."""
+    from dlt.destinations.impl.postgres.sql_client import Psycopg2SqlClient
+
+    from loaders.ingest import pipeline
+
+    asked: list[int] = []
+    copy_expert = pipeline.CopyCursor.copy_expert
+
+    def spy(self, sql, file, size=pipeline.COPY_CHUNK_BYTES) -> None:
+        asked.append(size)
+        copy_expert(self, sql, file, size)
+
+    monkeypatch.setattr(pipeline.CopyCursor, "copy_expert", spy)
+    watch(database, ("a", "KO"))
+    assert run(db_url)[0] == 0
+    assert getattr(Psycopg2SqlClient.open_connection, "large_copy_chunks", False)
+    assert asked, "dlt's COPY did not go through CopyCursor: large_copy_chunks has no effect any more"
+    assert count(database, "select count(*) from options_chains") == len(market.chain("KO", TODAY))
+
+
 def test_instants_are_exact_whatever_the_database_time_zone(database, db_url, live, market) -> None:
     # The load files carry UTC timestamps without an offset; the pipeline pins its sessions to UTC.
     query(database, f'alter database "{database.dbname}" set timezone to \'America/New_York\'')

@@ -11,15 +11,18 @@ import pyarrow as pa
 import pytest
 
 from loaders.polygon import (
+    ChainClient,
     ChainFetcher,
+    PolygonConfiguration,
     ProviderError,
     SymbolFetchError,
+    dedupe_pages,
     expiration_slices,
     normalise_page,
     pin_next_url,
+    polygon_configuration,
     polygon_source,
 )
-from loaders.polygon.helpers import ChainClient, RetryPolicy, dedupe_pages
 from loaders.simulator import Fault
 
 T = datetime(2025, 6, 2, 23, 59, 59, 999999, tzinfo=UTC)
@@ -38,7 +41,12 @@ CONTRACT = {
     "open_interest": 18234,
     "underlying_asset": {"last_updated": 1703192400000000000, "price": 170.145, "ticker": "AAPL"},
 }
-FAST = RetryPolicy(max_attempts=3, budget_per_symbol=10, backoff_factor=0.01, max_delay=0.05, read_timeout=2)
+FAST = {"max_attempts": 3, "retry_budget": 10, "backoff_factor": 0.01, "max_retry_delay": 0.05, "read_timeout": 2}
+
+
+def _client(base_url: str, key: str = "test-key", as_of: date | None = DAY, **settings: object) -> ChainClient:
+    config = PolygonConfiguration(polygon_api_key=key, polygon_base_url=base_url, **(FAST | settings))
+    return ChainClient(config, as_of)
 
 
 def _rows(results: list, ticker_id: str = "tid") -> tuple[list[dict], dict]:
@@ -166,9 +174,8 @@ def tickers(result) -> list[str]:
     return [t for table in result.tables for t in table.column("contract_ticker").to_pylist()]
 
 
-def _fetch(simulator, symbol: str, policy: RetryPolicy = FAST, key: str = "test-key"):
-    client = ChainClient(simulator.base_url, key, policy, extra_params={"date": DAY.isoformat()})
-    return client.fetch(symbol, "tid", T)
+def _fetch(simulator, symbol: str, key: str = "test-key", **settings: object):
+    return _client(simulator.base_url, key, **settings).fetch(symbol, "tid", T)
 
 
 def test_full_chain_through_next_url_key_only_in_the_query(simulator, market) -> None:
@@ -191,13 +198,16 @@ def test_foreign_next_url_is_rewritten_onto_the_configured_origin(simulator, mar
 def test_repeated_contract_across_pages_is_stored_once(simulator, market) -> None:
     simulator.set_fault("KO", Fault(repeat_contract_across_pages=True))
     result = _fetch(simulator, "KO")
-    assert result.ok and result.contracts == len(market.chain("KO", DAY))
+    assert result.ok and result.contracts > len(market.chain("KO", DAY))  # as fetched
+    [table] = list(polygon_source([result]).resources["options_chains"])  # the source dedupes once
+    assert table.num_rows == len(set(table.column("contract_ticker").to_pylist())) == len(market.chain("KO", DAY))
+    assert result.contracts == table.num_rows
 
 
 def test_429_honours_retry_after_then_succeeds(simulator) -> None:
     simulator.set_fault("F", Fault(status_429_times=1, retry_after_s=1))
     started = time.monotonic()
-    result = _fetch(simulator, "F", RetryPolicy(max_attempts=3, backoff_factor=0.01, max_delay=2))
+    result = _fetch(simulator, "F", max_attempts=3, max_retry_delay=2)
     assert result.ok and time.monotonic() - started >= 1.0
     assert len(simulator.requests) == 3  # the 429, then both pages
 
@@ -208,13 +218,13 @@ def test_5xx_is_retried_and_bounded(simulator) -> None:
     simulator.clear_requests()
     simulator.set_fault("F", Fault(status_5xx_times=100))
     result = _fetch(simulator, "F")
-    assert not result.ok and "HTTP 503" in result.error and len(simulator.requests) == FAST.max_attempts
+    assert not result.ok and "HTTP 503" in result.error and len(simulator.requests) == FAST["max_attempts"]
 
 
 def test_retry_budget_is_per_symbol(simulator) -> None:
     simulator.set_fault("KO", Fault(status_5xx_times=3))
     # 5 attempts per request would get through; the symbol's budget of 2 retries does not
-    result = _fetch(simulator, "KO", RetryPolicy(max_attempts=5, budget_per_symbol=2, backoff_factor=0.01))
+    result = _fetch(simulator, "KO", max_attempts=5, retry_budget=2)
     assert not result.ok and len(simulator.requests) == 3
 
 
@@ -222,7 +232,7 @@ def test_timeouts_and_broken_bodies_are_retried_then_fail_the_symbol(simulator) 
     simulator.set_fault("F", Fault(truncate_body=True, times=1))
     assert _fetch(simulator, "F").ok
     simulator.set_fault("F", Fault(hang_s=1.0))
-    result = _fetch(simulator, "F", RetryPolicy(max_attempts=2, backoff_factor=0.01, read_timeout=0.2))
+    result = _fetch(simulator, "F", max_attempts=2, read_timeout=0.2)
     assert not result.ok and "timed out" in result.error
 
 
@@ -244,7 +254,7 @@ def test_401_and_403_are_not_retried_and_stop_everything(simulator, key, not_ent
 
 
 def test_unreachable_provider_stops_everything() -> None:
-    client = ChainClient("http://127.0.0.1:9", "secret-key", RetryPolicy(max_attempts=2, backoff_factor=0.01))
+    client = _client("http://127.0.0.1:9", "secret-key", max_attempts=2)
     with pytest.raises(ProviderError, match="unreachable") as exc:
         client.fetch("F", "tid", T)
     assert "secret-key" not in str(exc.value)
@@ -252,13 +262,18 @@ def test_unreachable_provider_stops_everything() -> None:
 
 def test_source_fetches_in_parallel_and_isolates_a_failing_symbol(simulator, monkeypatch) -> None:
     monkeypatch.setenv("SOURCES__POLYGON__BACKOFF_FACTOR", "0.01")  # dlt config injection
+    monkeypatch.setenv("SOURCES__POLYGON__POLYGON_API_KEY", "test-key")
+    monkeypatch.setenv("SOURCES__POLYGON__POLYGON_BASE_URL", simulator.base_url)
     simulator.set_fault("*", Fault(latency_s=0.3))
     simulator.set_fault("T", Fault(non_json=True))
+    config = polygon_configuration()
+    assert (config.backoff_factor, config.polygon_base_url) == (0.01, simulator.base_url)
     seen = []
-    source = polygon_source({"F": "f", "KO": "k", "T": "t", "PFE": "p"}, T, as_of=DAY, concurrency=4,
-                            on_chain=seen.append, polygon_api_key="test-key", polygon_base_url=simulator.base_url)
     started = time.monotonic()
-    tables = list(source.resources["options_chains"])
+    with ChainFetcher(4) as fetcher:
+        futures = fetcher.submit(ChainClient(config, DAY), {"F": "f", "KO": "k", "T": "t", "PFE": "p"}, T)
+        chains = (seen.append(result) or result for result in fetcher.completed(futures))
+        tables = list(polygon_source(chains).resources["options_chains"])
     elapsed = time.monotonic() - started
     # One after another would take 0.3 s per request; in parallel the longest chain (3 pages of KO)
     # sets the pace. The margin is for a busy machine.
@@ -289,7 +304,7 @@ def test_redirects_are_refused_never_followed_with_the_key() -> None:
     server = HTTPServer(("127.0.0.1", 0), Redirect)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        result = ChainClient(f"http://127.0.0.1:{server.server_port}", "secret-key", FAST).fetch("F", "tid", T)
+        result = _client(f"http://127.0.0.1:{server.server_port}", "secret-key", None).fetch("F", "tid", T)
     finally:
         server.shutdown()
     assert not result.ok and "refused HTTP 301 redirect to http://127.0.0.2:9" in result.error
@@ -316,7 +331,7 @@ def test_a_sliced_chain_is_the_whole_chain_fetched_in_parallel(simulator, market
     slices = expiration_slices(counts, 2500)
     assert len(slices) >= 6
     simulator.set_fault("*", Fault(latency_s=0.02))
-    client = ChainClient(simulator.base_url, "test-key", FAST, extra_params={"date": DAY.isoformat()})
+    client = _client(simulator.base_url)
     with ChainFetcher(8) as fetcher:
         [whole] = list(fetcher.completed(fetcher.submit(client, {"I:SPX": "tid"}, T, slices={"I:SPX": slices})))
     assert whole.ok and whole.contracts == len(chain) == len(set(tickers(whole)))
@@ -334,7 +349,7 @@ def test_a_sliced_chain_is_the_whole_chain_fetched_in_parallel(simulator, market
 def test_a_failing_slice_fails_the_whole_symbol_and_loads_none_of_it(simulator) -> None:
     simulator.set_fault("I:SPX", Fault(non_json=True, on_pages={3}, times=1))
     slices = [(None, date(2025, 7, 1)), (date(2025, 7, 2), None)]
-    client = ChainClient(simulator.base_url, "test-key", FAST, extra_params={"date": DAY.isoformat()})
+    client = _client(simulator.base_url)
     with ChainFetcher(4) as fetcher:
         [result] = list(fetcher.completed(fetcher.submit(client, {"I:SPX": "tid"}, T, slices={"I:SPX": slices})))
     assert not result.ok and "not JSON" in result.error and result.tables == [] and result.contracts == 0

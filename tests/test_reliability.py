@@ -21,7 +21,7 @@ import pytest
 
 from loaders import cli
 from loaders import db as dbmod
-from loaders.polygon.helpers import ARROW_SCHEMA
+from loaders.polygon import ARROW_SCHEMA
 from loaders.simulator import Fault, Market, SimulatorServer
 from loaders.simulator.market import Profile, _schedule
 from tests import test_ingest
@@ -40,8 +40,9 @@ ROWS_SQL = f"select k.symbol, {_VALUES} from options_chains c join tickers k on 
 # (VmHWM: getrusage's ru_maxrss of a child also counts the pytest process it was forked from).
 _CHILD = """
 import atexit, sys
-from loaders import cli, ingest
-ingest.LOAD_BATCH_SYMBOLS = {batch}
+from loaders import cli
+from loaders.ingest import flow
+flow.LOAD_BATCH_SYMBOLS = {batch}
 atexit.register(lambda: print(*[line for line in open("/proc/self/status") if line.startswith("VmHWM")]))
 sys.exit(cli.main(sys.argv[1:]))
 """
