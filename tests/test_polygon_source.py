@@ -122,9 +122,7 @@ def test_index_underlying_price_comes_from_value() -> None:
     ({"greeks__delta": "n/a"}, "unparseable delta"),
     ({"open_interest": 1.5}, "unparseable open_interest"),
     ({"open_interest": 2**70}, "unparseable open_interest"),
-    ({"day__last_updated": 2**80}, "unparseable day.last_updated"),
     ({"last_quote": [1, 2]}, "unparseable last_quote"),
-    ({"day__last_updated": "yesterday"}, "unparseable day.last_updated"),
     ({"implied_volatility": float("nan")}, "unparseable implied_volatility"),
 ])
 def test_bad_contracts_are_rejected_and_counted_the_others_load(change: dict, reason: str) -> None:
@@ -132,6 +130,16 @@ def test_bad_contracts_are_rejected_and_counted_the_others_load(change: dict, re
     rows, rejected = _rows([_contract(**change), good, "not a contract"])
     assert [r["contract_ticker"] for r in rows] == ["O:AAPL260116C00175000"]
     assert rejected == {reason: 1, "not an object": 1}
+
+
+@pytest.mark.parametrize("stamp", [1703192400000, 1703192400000000, 1703192400.5, "1703192400000000000",
+                                   "yesterday", 2**80, -1, True])
+def test_a_timestamp_that_is_not_plausible_nanoseconds_is_null_the_contract_kept(stamp: object) -> None:
+    contract = _contract(day__last_updated=stamp, last_quote__last_updated=stamp, last_trade__sip_timestamp=stamp)
+    [row], rejected = _rows([contract])
+    assert rejected == {} and row["contract_ticker"] == "O:AAPL260116C00170000"
+    assert (row["day_updated_at"], row["quote_updated_at"], row["trade_at"]) == (None, None, None)
+    assert row["volume"] == 1322  # the rest of the day bar is kept
 
 
 def test_contract_identity_is_the_ticker_spx_and_spxw_share_the_rest() -> None:
@@ -178,15 +186,24 @@ def _fetch(simulator, symbol: str, key: str = "test-key", **settings: object):
     return _client(simulator.base_url, key, **settings).fetch(symbol, "tid", T)
 
 
-def test_full_chain_through_next_url_key_only_in_the_query(simulator, market) -> None:
+def test_full_chain_through_next_url_key_only_in_the_header(simulator, market) -> None:
     result = _fetch(simulator, "KO")
     expected = market.chain("KO", DAY)
     assert result.ok and result.pages == 3 and result.contracts == len(expected) == len(set(tickers(result)))
     sent = simulator.requests
-    assert [r.query.get("apiKey") for r in sent] == ["test-key"] * 3
+    # as the official clients send it: `Authorization: Bearer` on every page, never in a URL
+    assert [r.headers.get("Authorization") for r in sent] == ["Bearer test-key"] * 3
+    assert not any("apiKey" in r.query or "test-key" in r.path for r in sent)
     assert sent[0].query["limit"] == "250" and sent[0].query["date"] == "2025-06-02"
     assert all("cursor" in r.query and "limit" not in r.query for r in sent[1:])
-    assert not any("test-key" in str(v) for r in sent for v in r.headers.values())
+
+
+def test_index_symbols_go_raw_in_the_path_others_percent_encoded(simulator, market) -> None:
+    assert _fetch(simulator, "I:SPX").contracts == len(market.chain("I:SPX", DAY))
+    _fetch(simulator, "BRK.B")
+    paths = {r.path for r in simulator.requests}
+    assert "/v3/snapshot/options/I:SPX" in paths and "/v3/snapshot/options/BRK.B" in paths
+    assert not any("%3A" in p for p in paths)
 
 
 def test_foreign_next_url_is_rewritten_onto_the_configured_origin(simulator, market) -> None:
@@ -245,12 +262,18 @@ def test_bad_data_fails_the_symbol_without_retrying(simulator, fault: Fault) -> 
     assert len(simulator.requests) <= 2
 
 
-@pytest.mark.parametrize(("key", "not_entitled", "status"), [("wrong-key", (), 401), ("test-key", ("F",), 403)])
-def test_401_and_403_are_not_retried_and_stop_everything(simulator, key, not_entitled, status) -> None:
-    simulator.not_entitled = frozenset(not_entitled)
-    with pytest.raises(ProviderError, match=f"HTTP {status}") as exc:
-        _fetch(simulator, "F", key=key)
+def test_401_is_not_retried_and_stops_everything(simulator) -> None:
+    with pytest.raises(ProviderError, match="HTTP 401") as exc:
+        _fetch(simulator, "F", key="wrong-key")
     assert len(simulator.requests) == 1 and "wrong-key" not in str(exc.value)
+
+
+def test_403_is_not_retried_and_fails_that_symbol_with_the_providers_message(simulator) -> None:
+    simulator.not_entitled = frozenset({"F"})
+    result = _fetch(simulator, "F")
+    assert not result.ok and not result.fatal and result.tables == []
+    assert result.error.startswith("HTTP 403 not entitled: You are not entitled to this data")
+    assert len(simulator.requests) == 1
 
 
 def test_unreachable_provider_stops_everything() -> None:

@@ -86,8 +86,9 @@ def ensure_tickers(conn: psycopg2.extensions.connection, symbols: Sequence[str])
 
 
 def _skips_completed(args: argparse.Namespace) -> bool:
-    """Whether the ledger's completed pairs are skipped."""
-    return not args.force
+    """Whether the ledger's completed pairs are skipped: in a range (story A1.1), unless --force.
+    A single-day run fetches every symbol again and updates what changed (story A1)."""
+    return bool(args.start_date) and not args.force
 
 
 def _dry_run(args: argparse.Namespace, database: dbmod.Database, days: list[date], symbols: list[str]) -> None:

@@ -48,7 +48,10 @@ class DayOutcome:
         attempted = [s for s in self.symbols if s.outcome != "skipped"]
         self.outcome = "succeeded" if any(s.outcome == "ok" for s in attempted) else "failed"
         if self.outcome == "failed":
-            self.error = "every symbol failed"
+            refused = [s for s in attempted if (s.error or "").startswith("HTTP 403")]
+            # every symbol refused (403): the plan covers none of them, which is systemic
+            self.error = (f"every symbol was refused: {refused[0].error}" if attempted and len(refused) == len(attempted)
+                          else "every symbol failed")
         log.info("day %s END %s: ok=%d failed=%d skipped=%d rows_written=%d", self.day, self.outcome,
                  self.count("ok"), self.count("failed"), self.count("skipped"),
                  sum(s.rows_written for s in self.symbols))

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import requests
 from dlt.sources.helpers.requests.retry import retry_if_status, wait_exponential_retry_after
-from dlt.sources.helpers.rest_client.auth import APIKeyAuth
+from dlt.sources.helpers.rest_client.auth import BearerTokenAuth
 from requests.adapters import HTTPAdapter
 from tenacity import (
     RetryCallState,
@@ -37,7 +37,7 @@ _RETRY_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, requests.except
 
 
 class ProviderError(RuntimeError):
-    """The provider refuses or cannot serve anyone (401/403, unreachable): the whole run stops."""
+    """The provider refuses or cannot serve anyone (401, unreachable): the whole run stops."""
 
 
 def one_line(text: str) -> str:
@@ -183,7 +183,9 @@ class ChainClient:
         self.origin = "{0.scheme}://{0.netloc}".format(urlsplit(self.base_url))
         self.extra_params = {"date": as_of.isoformat()} if as_of else {}
         register_secret(config.polygon_api_key)
-        self._auth = APIKeyAuth(name=settings.API_KEY_PARAM, api_key=config.polygon_api_key, location="query")
+        # As the official clients send it: a header on every request, never in a URL (URLs end up in
+        # proxy and server logs). Only ever sent to the configured origin: every URL is pinned to it.
+        self._auth = BearerTokenAuth(token=config.polygon_api_key)
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size)
         self._session.mount("http://", adapter)
@@ -207,7 +209,8 @@ class ChainClient:
             A ChainResult; `error` set if the symbol failed (after retries, or bad data).
 
         Raises:
-            ProviderError: 401/403 or the provider cannot be reached: no symbol can succeed.
+            ProviderError: 401 (no or an unknown key) or the provider cannot be reached: no symbol
+                can succeed. A 403 (not entitled) fails this symbol only.
         """
         started = time.monotonic()
         result = ChainResult(symbol=symbol, ticker_id=ticker_id, snapshot_time=snapshot_time)
@@ -215,7 +218,8 @@ class ChainClient:
         for name, bound in zip(("expiration_date.gte", "expiration_date.lte"), expirations or (), strict=False):
             if bound is not None:
                 params[name] = bound.isoformat()
-        url = self.base_url + settings.SNAPSHOT_PATH.format(underlying=quote(symbol, safe=""))
+        # Index symbols raw (I:SPX), as the official clients write them; anything else percent-encoded.
+        url = self.base_url + settings.SNAPSHOT_PATH.format(underlying=quote(symbol, safe=":"))
         try:
             self._paginate(result, url, params)
         except requests.HTTPError as exc:
@@ -291,10 +295,11 @@ class ChainClient:
         """The symbol's error for an HTTP error answer (after retries, if it was retried)."""
         status = response.status_code if response is not None else 0
         message = one_line(_provider_message(response)) if response is not None else ""
-        if status in (401, 403):
-            raise ProviderError(
-                f"{self.origin} answered HTTP {status} ({message or 'unauthorised'}): "
-                "check POLYGON_API_KEY and the plan's entitlements") from None
+        if status == 401:  # no key or an unknown key: nothing can succeed
+            raise ProviderError(f"{self.origin} answered HTTP 401 ({message or 'unauthorised'}): "
+                                "check POLYGON_API_KEY") from None
+        if status == 403:  # this underlying is not in the plan: this symbol only
+            return f"HTTP 403 not entitled: {message or 'refused'}"
         retried = " after retries" if status in settings.RETRY_STATUS_CODES else ""
         return f"HTTP {status}{retried}" + (f": {message}" if message else "")
 

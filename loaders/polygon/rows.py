@@ -103,12 +103,16 @@ def _integer(value: Any, name: str) -> int | None:
     return int(number)
 
 
-def _nanos_to_micros(value: Any, name: str) -> int | None:
-    """Polygon timestamps are Unix nanoseconds; PostgreSQL keeps microseconds."""
-    if value is None:
+# Plausible Unix nanoseconds: 1973-03-03 to 2262. Milliseconds or microseconds of any date before
+# year 5000 fall below; one recorded real response carries milliseconds.
+_NANOS_RANGE = (10**17, 2**63)
+
+
+def _nanos_to_micros(value: Any) -> int | None:
+    """Polygon timestamps are Unix nanoseconds; PostgreSQL keeps microseconds. A value that is not
+    a plausible nanosecond time (milliseconds, a float, a string) is null: the contract is kept."""
+    if type(value) is not int or not _NANOS_RANGE[0] <= value < _NANOS_RANGE[1]:
         return None
-    if type(value) is not int or not 0 <= value < 2**63:
-        raise _Reject(f"unparseable {name}")
     return value // 1000
 
 
@@ -172,9 +176,9 @@ def _contract_row(contract: Any, expirations: dict[str, date]) -> tuple[Any, ...
         _integer(details.get("shares_per_contract"), "shares_per_contract"),
         _number(contract.get("break_even_price"), "break_even_price"),
         _number(contract.get("fmv"), "fmv"),
-        _nanos_to_micros(quote_.get("last_updated"), "last_quote.last_updated"),
-        _nanos_to_micros(trade.get("sip_timestamp"), "last_trade.sip_timestamp"),
-        _nanos_to_micros(day.get("last_updated"), "day.last_updated"),
+        _nanos_to_micros(quote_.get("last_updated")),
+        _nanos_to_micros(trade.get("sip_timestamp")),
+        _nanos_to_micros(day.get("last_updated")),
     )
 
 
