@@ -263,7 +263,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    return run(args)
+    return run(args, main)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

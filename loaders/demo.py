@@ -10,7 +10,7 @@ from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
 
-from . import cli, report
+from . import report
 from .db import EMBEDDED_DIR, Database, start_embedded, upgrade
 from .logs import SUMMARY
 from .trading_calendar import latest_trading_date, trading_days
@@ -53,8 +53,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 60 else f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
-def run(args: argparse.Namespace) -> int:
-    """Runs the four steps, prints the per-symbol table and says twice that the data is simulated."""
+def run(args: argparse.Namespace, kapman: Callable[[list[str]], int]) -> int:
+    """Runs the four steps, prints the per-symbol table and says twice that the data is simulated.
+    `kapman(argv)` runs a kapman command (cli.main, handed over so that this module need not
+    import the command line that imports it)."""
     out = sys.stdout
     out.write(f"\n{NOTICE}\n\n")
     out.flush()
@@ -72,10 +74,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     steps: list[tuple[str, str, Callable[[], int]]] = [
-        ("watchlist", "loading the demo watchlist", lambda: cli.main(["watchlists", "load", str(_write_watchlist()), "--db-url", url])),
+        ("watchlist", "loading the demo watchlist", lambda: kapman(["watchlists", "load", str(_write_watchlist()), "--db-url", url])),
         ("ingest", "ingesting simulated option chains over HTTP",
-         lambda: cli.main(["ingest", "--provider", "simulator", *span, "--concurrency", "4", "--db-url", url])),
-        ("metrics", "computing volatility metrics (dbt)", lambda: cli.main(["metrics", *span, "--db-url", url])),
+         lambda: kapman(["ingest", "--provider", "simulator", *span, "--concurrency", "4", "--db-url", url])),
+        ("metrics", "computing volatility metrics (dbt)", lambda: kapman(["metrics", *span, "--db-url", url])),
         ("report", "writing the report", make_report),
     ]
     timings: list[str] = []

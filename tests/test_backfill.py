@@ -109,7 +109,7 @@ def test_the_live_provider_refuses_past_days_and_stores_nothing_for_them(databas
 
 def test_overlapping_ranges_give_one_snapshot_per_trading_day_and_no_duplicates(database, db_url, capsys,
                                                                                monkeypatch) -> None:
-    monkeypatch.setattr(ingest, "LOAD_BATCH_SYMBOLS", 1)  # two loads a day, each fetched ahead of its load
+    monkeypatch.setattr(ingest.flow, "LOAD_BATCH_SYMBOLS", 1)  # two loads a day, each fetched ahead of its load
     watch(database, ("a", "F"), ("a", "KO"))
     code, first = run(db_url, "--provider", "simulator", "--start-date", "2025-06-04", "--end-date", "2025-06-06",
                       "--heartbeat", "1")

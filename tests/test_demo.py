@@ -11,9 +11,6 @@ import pytest
 
 from loaders.demo import DEMO_SYMBOLS, NOTICE, demo_dates
 from loaders.trading_calendar import is_trading_day
-from tests.conftest import PROJECT_DIR
-
-PIPELINE_READY = all((PROJECT_DIR / "loaders" / name).exists() for name in ("ingest.py", "metrics.py"))
 
 
 @pytest.mark.parametrize("days", [1, 3, 60, 400])
@@ -23,7 +20,6 @@ def test_demo_dates_are_the_last_n_trading_days(days: int) -> None:
     assert all(is_trading_day(d) for d in dates) and dates == sorted(set(dates))
 
 
-@pytest.mark.skipif(not PIPELINE_READY, reason="loaders/ingest.py and loaders/metrics.py are not there yet")
 def test_demo_runs_end_to_end_and_says_the_data_is_simulated(tmp_path) -> None:
     # The demo always uses its own embedded database: a DATABASE_URL of the user's is left alone.
     env = os.environ | {"DATABASE_URL": "postgresql://nobody:secret@127.0.0.1:9/not_used"}

@@ -125,8 +125,10 @@ def test_several_symbols_end_to_end_with_pagination(database, db_url, live, mark
         [("completed", 3, summary["rows_written"])]
     assert count(database, "select count(*) from option_contracts where active") == summary["rows_written"]
     sent = live.requests
-    assert all(r.query.get("apiKey") == "test-key" and "date" not in r.query for r in sent)
-    assert any(r.path == "/v3/snapshot/options/I%3AVIX" for r in sent)
+    # the key as the official clients send it: a header on every page, never in the URL
+    assert all(r.headers.get("Authorization") == "Bearer test-key" for r in sent)
+    assert all("apiKey" not in r.query and "date" not in r.query for r in sent)
+    assert any(r.path == "/v3/snapshot/options/I:VIX" for r in sent)  # index symbols raw in the path
     assert summary["parse_process_cpu_s"] > 0  # the pages were parsed in the worker processes
 
 
@@ -143,6 +145,28 @@ def test_pages_are_parsed_in_worker_processes_or_in_the_fetch_threads_alike(data
     again = query(database, "select * from options_chains order by contract_ticker")
     # the same rows (load ids and insert times aside)
     assert [r[:25] for r in again] == [r[:25] for r in stored] and len(again) == len(market.chain("KO", TODAY))
+
+
+def test_the_copy_chunk_patch_is_active(database, db_url, live, market, monkeypatch) -> None:
+    """The one patch of a library kept (ingest.pipeline.large_copy_chunks): dlt's csv COPY goes
+    through our cursor, in large chunks. Fails the day dlt opens its connections or COPYs otherwise."""
+    from dlt.destinations.impl.postgres.sql_client import Psycopg2SqlClient
+
+    from loaders.ingest import pipeline
+
+    asked: list[int] = []
+    copy_expert = pipeline.CopyCursor.copy_expert
+
+    def spy(self, sql, file, size=pipeline.COPY_CHUNK_BYTES) -> None:
+        asked.append(size)
+        copy_expert(self, sql, file, size)
+
+    monkeypatch.setattr(pipeline.CopyCursor, "copy_expert", spy)
+    watch(database, ("a", "KO"))
+    assert run(db_url)[0] == 0
+    assert getattr(Psycopg2SqlClient.open_connection, "large_copy_chunks", False)
+    assert asked, "dlt's COPY did not go through CopyCursor: large_copy_chunks has no effect any more"
+    assert count(database, "select count(*) from options_chains") == len(market.chain("KO", TODAY))
 
 
 def test_instants_are_exact_whatever_the_database_time_zone(database, db_url, live, market) -> None:
@@ -182,10 +206,9 @@ def test_rerun_is_idempotent_rows_written_is_honest_new_snapshot_appends(databas
     code, first = run(db_url)
     total = count(database, "select count(*) from options_chains")
     assert code == 0 and first["rows_written"] == total > 0
-    # the ledger says done: a plain re-run skips both
+    # a single day is fetched again whatever the ledger says: nothing changed, nothing written
     code, again = run(db_url)
-    assert code == 0 and again["symbols_skipped"] == 2 and again["days_skipped"] == 1 and again["rows_written"] == 0
-    # --force re-fetches: nothing changed, nothing written
+    assert code == 0 and again["symbols_ok"] == 2 and again["symbols_skipped"] == 0 and again["rows_written"] == 0
     code, forced = run(db_url, "--force")
     assert code == 0 and forced["symbols_ok"] == 2 and forced["rows_written"] == 0
     assert count(database, "select count(*) from options_chains") == total
@@ -194,7 +217,7 @@ def test_rerun_is_idempotent_rows_written_is_honest_new_snapshot_appends(databas
     query(database, "update options_chains set bid = bid + 1 where contract_ticker = %s", (victim[0],))
     query(database, "delete from options_chains where contract_ticker = (select min(contract_ticker) from options_chains"
                     " where contract_ticker <> %s)", (victim[0],))
-    code, repaired = run(db_url, "--force")
+    code, repaired = run(db_url)
     assert repaired["rows_written"] == 2 and count(database, "select count(*) from options_chains") == total
     assert query(database, "select bid from options_chains where contract_ticker = %s", (victim[0],)) == [(victim[1],)]
     # a new snapshot time appends
@@ -224,10 +247,69 @@ def test_one_symbol_failing_while_others_load_then_retried(database, db_url, liv
                            " on k.id = c.ticker_id where k.symbol = 'KO' and c.active") == ko_before
     live.clear_faults()
     code, retried = run(db_url, "--snapshot-time", f"{TODAY.isoformat()}T21:00:00+00:00")
-    assert code == 0 and per_symbol(retried) == {"F": "skipped", "KO": "ok", "T": "ok"}
+    assert code == 0 and per_symbol(retried) == {"F": "ok", "KO": "ok", "T": "ok"}
+    assert (retried["rows_written"], query(database, "select distinct status from ingestion_ledger")) == (
+        count(database, "select count(*) from options_chains c join tickers k on k.id = c.ticker_id"
+                        " where k.symbol in ('KO', 'T') and c.time <> %s", (snapshot_time(TODAY),)), [("completed",)])
     live.set_fault("*", Fault(non_json=True))
     code, all_failed = run(db_url, "--force")
     assert code == 1 and all_failed["symbols_failed"] == 3
+
+
+class _Drifted(Market):
+    """The same market after the provider's figures changed: every third contract's open interest
+    and bid move (the chain's contracts are the same)."""
+
+    def chain_json(self, symbol: str, as_of: date) -> list[bytes]:
+        contracts = [json.loads(raw) for raw in super().chain_json(symbol, as_of)]
+        for contract in contracts[::3]:
+            contract["open_interest"] = (contract.get("open_interest") or 0) + 7
+        return [json.dumps(c).encode() for c in contracts]
+
+
+def test_a_single_day_rerun_after_the_provider_changed_updates_in_place(database, db_url, market,
+                                                                        monkeypatch) -> None:
+    watch(database, ("a", "F"), ("a", "KO"))
+    monkeypatch.setenv("POLYGON_API_KEY", "test-key")
+    with SimulatorServer(market, api_key="test-key", today=TODAY) as server:
+        monkeypatch.setenv("POLYGON_BASE_URL", server.base_url)
+        code, first = run(db_url)
+    total = count(database, "select count(*) from options_chains")
+    assert code == 0 and first["rows_written"] == total
+    drifted = _Drifted(market.seed)
+    with SimulatorServer(drifted, api_key="test-key", today=TODAY) as server:
+        monkeypatch.setenv("POLYGON_BASE_URL", server.base_url)
+        code, again = run(db_url)  # the same day, no --force: fetched again, changes written in place
+        assert len(server.requests) == pages(market, "F") + pages(market, "KO")
+    changed = sum(len(market.chain(s, TODAY)[::3]) for s in ("F", "KO"))
+    assert code == 0 and per_symbol(again) == {"F": "ok", "KO": "ok"} and again["rows_written"] == changed
+    assert count(database, "select count(*) from options_chains") == total
+    served = {c["details"]["ticker"]: c.get("open_interest") for s in ("F", "KO")
+              for c in map(json.loads, drifted.chain_json(s, TODAY))}
+    assert dict(query(database, "select contract_ticker, open_interest from options_chains")) == served
+
+
+def test_a_range_rerun_fetches_nothing_already_completed(database, db_url, monkeypatch) -> None:
+    from loaders import simulator as simulator_package
+
+    servers: list[SimulatorServer] = []
+
+    class Counted(SimulatorServer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            servers.append(self)
+
+    monkeypatch.setattr(simulator_package, "SimulatorServer", Counted)
+    watch(database, ("a", "F"), ("a", "KO"))
+    span = ("--provider", "simulator", "--start-date", "2025-06-04", "--end-date", "2025-06-06")
+    code, first = run(db_url, *span)
+    rows = count(database, "select count(*) from options_chains")
+    assert code == 0 and first["symbols_ok"] == 6 and servers[0].requests
+    code, again = run(db_url, *span)
+    assert code == 0 and again["error"] is None  # nothing to do is no failure
+    assert (again["days_skipped"], again["symbols_skipped"], again["rows_written"]) == (3, 6, 0)
+    assert servers[1].requests == []  # nothing completed was fetched again
+    assert count(database, "select count(*) from options_chains") == rows
 
 
 def test_soft_deactivation_and_reactivation_across_runs(database, db_url, market) -> None:
@@ -263,6 +345,7 @@ def test_401_aborts_and_a_missing_key_refuses_to_start(database, db_url, live, m
     monkeypatch.setenv("POLYGON_API_KEY", "not-the-key")
     code, summary = run(db_url, "--concurrency", "1")
     assert code == 1 and "HTTP 401" in summary["error"] and "Unknown API Key" in summary["error"]
+    assert live.requests[0].headers.get("Authorization") == "Bearer not-the-key"
     assert count(database, "select count(*) from options_chains") == 0
     assert len(live.requests) == 1  # never retried, nothing else started
     assert "not-the-key" not in caplog.text and "Traceback" not in caplog.text
@@ -314,7 +397,8 @@ def test_the_key_appears_in_no_log_line_trace_or_file(database, db_url, market, 
         server.set_fault("T", Fault(status_5xx_times=100))
         code, summary = run(db_url, "--verbose")
         assert code == 0 and summary["symbols_failed"] == 1
-        assert all(r.query.get("apiKey") == KEY for r in server.requests)  # it did go to the provider
+        assert all(r.headers.get("Authorization") == f"Bearer {KEY}" for r in server.requests)  # it did go there
+        assert not any(KEY in r.path or "apiKey" in r.query for r in server.requests)  # never in a URL
         monkeypatch.setenv("POLYGON_BASE_URL", "http://127.0.0.1:9")  # connection errors carry URLs
         monkeypatch.setenv("SOURCES__POLYGON__MAX_ATTEMPTS", "1")
         assert run(db_url, "--verbose", "--force")[0] == 1

@@ -11,15 +11,18 @@ import pyarrow as pa
 import pytest
 
 from loaders.polygon import (
+    ChainClient,
     ChainFetcher,
+    PolygonConfiguration,
     ProviderError,
     SymbolFetchError,
+    dedupe_pages,
     expiration_slices,
     normalise_page,
     pin_next_url,
+    polygon_configuration,
     polygon_source,
 )
-from loaders.polygon.helpers import ChainClient, RetryPolicy, dedupe_pages
 from loaders.simulator import Fault
 
 T = datetime(2025, 6, 2, 23, 59, 59, 999999, tzinfo=UTC)
@@ -38,7 +41,12 @@ CONTRACT = {
     "open_interest": 18234,
     "underlying_asset": {"last_updated": 1703192400000000000, "price": 170.145, "ticker": "AAPL"},
 }
-FAST = RetryPolicy(max_attempts=3, budget_per_symbol=10, backoff_factor=0.01, max_delay=0.05, read_timeout=2)
+FAST = {"max_attempts": 3, "retry_budget": 10, "backoff_factor": 0.01, "max_retry_delay": 0.05, "read_timeout": 2}
+
+
+def _client(base_url: str, key: str = "test-key", as_of: date | None = DAY, **settings: object) -> ChainClient:
+    config = PolygonConfiguration(polygon_api_key=key, polygon_base_url=base_url, **(FAST | settings))
+    return ChainClient(config, as_of)
 
 
 def _rows(results: list, ticker_id: str = "tid") -> tuple[list[dict], dict]:
@@ -114,9 +122,7 @@ def test_index_underlying_price_comes_from_value() -> None:
     ({"greeks__delta": "n/a"}, "unparseable delta"),
     ({"open_interest": 1.5}, "unparseable open_interest"),
     ({"open_interest": 2**70}, "unparseable open_interest"),
-    ({"day__last_updated": 2**80}, "unparseable day.last_updated"),
     ({"last_quote": [1, 2]}, "unparseable last_quote"),
-    ({"day__last_updated": "yesterday"}, "unparseable day.last_updated"),
     ({"implied_volatility": float("nan")}, "unparseable implied_volatility"),
 ])
 def test_bad_contracts_are_rejected_and_counted_the_others_load(change: dict, reason: str) -> None:
@@ -124,6 +130,16 @@ def test_bad_contracts_are_rejected_and_counted_the_others_load(change: dict, re
     rows, rejected = _rows([_contract(**change), good, "not a contract"])
     assert [r["contract_ticker"] for r in rows] == ["O:AAPL260116C00175000"]
     assert rejected == {reason: 1, "not an object": 1}
+
+
+@pytest.mark.parametrize("stamp", [1703192400000, 1703192400000000, 1703192400.5, "1703192400000000000",
+                                   "yesterday", 2**80, -1, True])
+def test_a_timestamp_that_is_not_plausible_nanoseconds_is_null_the_contract_kept(stamp: object) -> None:
+    contract = _contract(day__last_updated=stamp, last_quote__last_updated=stamp, last_trade__sip_timestamp=stamp)
+    [row], rejected = _rows([contract])
+    assert rejected == {} and row["contract_ticker"] == "O:AAPL260116C00170000"
+    assert (row["day_updated_at"], row["quote_updated_at"], row["trade_at"]) == (None, None, None)
+    assert row["volume"] == 1322  # the rest of the day bar is kept
 
 
 def test_contract_identity_is_the_ticker_spx_and_spxw_share_the_rest() -> None:
@@ -166,20 +182,28 @@ def tickers(result) -> list[str]:
     return [t for table in result.tables for t in table.column("contract_ticker").to_pylist()]
 
 
-def _fetch(simulator, symbol: str, policy: RetryPolicy = FAST, key: str = "test-key"):
-    client = ChainClient(simulator.base_url, key, policy, extra_params={"date": DAY.isoformat()})
-    return client.fetch(symbol, "tid", T)
+def _fetch(simulator, symbol: str, key: str = "test-key", **settings: object):
+    return _client(simulator.base_url, key, **settings).fetch(symbol, "tid", T)
 
 
-def test_full_chain_through_next_url_key_only_in_the_query(simulator, market) -> None:
+def test_full_chain_through_next_url_key_only_in_the_header(simulator, market) -> None:
     result = _fetch(simulator, "KO")
     expected = market.chain("KO", DAY)
     assert result.ok and result.pages == 3 and result.contracts == len(expected) == len(set(tickers(result)))
     sent = simulator.requests
-    assert [r.query.get("apiKey") for r in sent] == ["test-key"] * 3
+    # as the official clients send it: `Authorization: Bearer` on every page, never in a URL
+    assert [r.headers.get("Authorization") for r in sent] == ["Bearer test-key"] * 3
+    assert not any("apiKey" in r.query or "test-key" in r.path for r in sent)
     assert sent[0].query["limit"] == "250" and sent[0].query["date"] == "2025-06-02"
     assert all("cursor" in r.query and "limit" not in r.query for r in sent[1:])
-    assert not any("test-key" in str(v) for r in sent for v in r.headers.values())
+
+
+def test_index_symbols_go_raw_in_the_path_others_percent_encoded(simulator, market) -> None:
+    assert _fetch(simulator, "I:SPX").contracts == len(market.chain("I:SPX", DAY))
+    _fetch(simulator, "BRK.B")
+    paths = {r.path for r in simulator.requests}
+    assert "/v3/snapshot/options/I:SPX" in paths and "/v3/snapshot/options/BRK.B" in paths
+    assert not any("%3A" in p for p in paths)
 
 
 def test_foreign_next_url_is_rewritten_onto_the_configured_origin(simulator, market) -> None:
@@ -191,13 +215,16 @@ def test_foreign_next_url_is_rewritten_onto_the_configured_origin(simulator, mar
 def test_repeated_contract_across_pages_is_stored_once(simulator, market) -> None:
     simulator.set_fault("KO", Fault(repeat_contract_across_pages=True))
     result = _fetch(simulator, "KO")
-    assert result.ok and result.contracts == len(market.chain("KO", DAY))
+    assert result.ok and result.contracts > len(market.chain("KO", DAY))  # as fetched
+    [table] = list(polygon_source([result]).resources["options_chains"])  # the source dedupes once
+    assert table.num_rows == len(set(table.column("contract_ticker").to_pylist())) == len(market.chain("KO", DAY))
+    assert result.contracts == table.num_rows
 
 
 def test_429_honours_retry_after_then_succeeds(simulator) -> None:
     simulator.set_fault("F", Fault(status_429_times=1, retry_after_s=1))
     started = time.monotonic()
-    result = _fetch(simulator, "F", RetryPolicy(max_attempts=3, backoff_factor=0.01, max_delay=2))
+    result = _fetch(simulator, "F", max_attempts=3, max_retry_delay=2)
     assert result.ok and time.monotonic() - started >= 1.0
     assert len(simulator.requests) == 3  # the 429, then both pages
 
@@ -208,13 +235,13 @@ def test_5xx_is_retried_and_bounded(simulator) -> None:
     simulator.clear_requests()
     simulator.set_fault("F", Fault(status_5xx_times=100))
     result = _fetch(simulator, "F")
-    assert not result.ok and "HTTP 503" in result.error and len(simulator.requests) == FAST.max_attempts
+    assert not result.ok and "HTTP 503" in result.error and len(simulator.requests) == FAST["max_attempts"]
 
 
 def test_retry_budget_is_per_symbol(simulator) -> None:
     simulator.set_fault("KO", Fault(status_5xx_times=3))
     # 5 attempts per request would get through; the symbol's budget of 2 retries does not
-    result = _fetch(simulator, "KO", RetryPolicy(max_attempts=5, budget_per_symbol=2, backoff_factor=0.01))
+    result = _fetch(simulator, "KO", max_attempts=5, retry_budget=2)
     assert not result.ok and len(simulator.requests) == 3
 
 
@@ -222,7 +249,7 @@ def test_timeouts_and_broken_bodies_are_retried_then_fail_the_symbol(simulator) 
     simulator.set_fault("F", Fault(truncate_body=True, times=1))
     assert _fetch(simulator, "F").ok
     simulator.set_fault("F", Fault(hang_s=1.0))
-    result = _fetch(simulator, "F", RetryPolicy(max_attempts=2, backoff_factor=0.01, read_timeout=0.2))
+    result = _fetch(simulator, "F", max_attempts=2, read_timeout=0.2)
     assert not result.ok and "timed out" in result.error
 
 
@@ -235,16 +262,22 @@ def test_bad_data_fails_the_symbol_without_retrying(simulator, fault: Fault) -> 
     assert len(simulator.requests) <= 2
 
 
-@pytest.mark.parametrize(("key", "not_entitled", "status"), [("wrong-key", (), 401), ("test-key", ("F",), 403)])
-def test_401_and_403_are_not_retried_and_stop_everything(simulator, key, not_entitled, status) -> None:
-    simulator.not_entitled = frozenset(not_entitled)
-    with pytest.raises(ProviderError, match=f"HTTP {status}") as exc:
-        _fetch(simulator, "F", key=key)
+def test_401_is_not_retried_and_stops_everything(simulator) -> None:
+    with pytest.raises(ProviderError, match="HTTP 401") as exc:
+        _fetch(simulator, "F", key="wrong-key")
     assert len(simulator.requests) == 1 and "wrong-key" not in str(exc.value)
 
 
+def test_403_is_not_retried_and_fails_that_symbol_with_the_providers_message(simulator) -> None:
+    simulator.not_entitled = frozenset({"F"})
+    result = _fetch(simulator, "F")
+    assert not result.ok and not result.fatal and result.tables == []
+    assert result.error.startswith("HTTP 403 not entitled: You are not entitled to this data")
+    assert len(simulator.requests) == 1
+
+
 def test_unreachable_provider_stops_everything() -> None:
-    client = ChainClient("http://127.0.0.1:9", "secret-key", RetryPolicy(max_attempts=2, backoff_factor=0.01))
+    client = _client("http://127.0.0.1:9", "secret-key", max_attempts=2)
     with pytest.raises(ProviderError, match="unreachable") as exc:
         client.fetch("F", "tid", T)
     assert "secret-key" not in str(exc.value)
@@ -252,13 +285,18 @@ def test_unreachable_provider_stops_everything() -> None:
 
 def test_source_fetches_in_parallel_and_isolates_a_failing_symbol(simulator, monkeypatch) -> None:
     monkeypatch.setenv("SOURCES__POLYGON__BACKOFF_FACTOR", "0.01")  # dlt config injection
+    monkeypatch.setenv("SOURCES__POLYGON__POLYGON_API_KEY", "test-key")
+    monkeypatch.setenv("SOURCES__POLYGON__POLYGON_BASE_URL", simulator.base_url)
     simulator.set_fault("*", Fault(latency_s=0.3))
     simulator.set_fault("T", Fault(non_json=True))
+    config = polygon_configuration()
+    assert (config.backoff_factor, config.polygon_base_url) == (0.01, simulator.base_url)
     seen = []
-    source = polygon_source({"F": "f", "KO": "k", "T": "t", "PFE": "p"}, T, as_of=DAY, concurrency=4,
-                            on_chain=seen.append, polygon_api_key="test-key", polygon_base_url=simulator.base_url)
     started = time.monotonic()
-    tables = list(source.resources["options_chains"])
+    with ChainFetcher(4) as fetcher:
+        futures = fetcher.submit(ChainClient(config, DAY), {"F": "f", "KO": "k", "T": "t", "PFE": "p"}, T)
+        chains = (seen.append(result) or result for result in fetcher.completed(futures))
+        tables = list(polygon_source(chains).resources["options_chains"])
     elapsed = time.monotonic() - started
     # One after another would take 0.3 s per request; in parallel the longest chain (3 pages of KO)
     # sets the pace. The margin is for a busy machine.
@@ -289,7 +327,7 @@ def test_redirects_are_refused_never_followed_with_the_key() -> None:
     server = HTTPServer(("127.0.0.1", 0), Redirect)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        result = ChainClient(f"http://127.0.0.1:{server.server_port}", "secret-key", FAST).fetch("F", "tid", T)
+        result = _client(f"http://127.0.0.1:{server.server_port}", "secret-key", None).fetch("F", "tid", T)
     finally:
         server.shutdown()
     assert not result.ok and "refused HTTP 301 redirect to http://127.0.0.2:9" in result.error
@@ -316,7 +354,7 @@ def test_a_sliced_chain_is_the_whole_chain_fetched_in_parallel(simulator, market
     slices = expiration_slices(counts, 2500)
     assert len(slices) >= 6
     simulator.set_fault("*", Fault(latency_s=0.02))
-    client = ChainClient(simulator.base_url, "test-key", FAST, extra_params={"date": DAY.isoformat()})
+    client = _client(simulator.base_url)
     with ChainFetcher(8) as fetcher:
         [whole] = list(fetcher.completed(fetcher.submit(client, {"I:SPX": "tid"}, T, slices={"I:SPX": slices})))
     assert whole.ok and whole.contracts == len(chain) == len(set(tickers(whole)))
@@ -334,7 +372,7 @@ def test_a_sliced_chain_is_the_whole_chain_fetched_in_parallel(simulator, market
 def test_a_failing_slice_fails_the_whole_symbol_and_loads_none_of_it(simulator) -> None:
     simulator.set_fault("I:SPX", Fault(non_json=True, on_pages={3}, times=1))
     slices = [(None, date(2025, 7, 1)), (date(2025, 7, 2), None)]
-    client = ChainClient(simulator.base_url, "test-key", FAST, extra_params={"date": DAY.isoformat()})
+    client = _client(simulator.base_url)
     with ChainFetcher(4) as fetcher:
         [result] = list(fetcher.completed(fetcher.submit(client, {"I:SPX": "tid"}, T, slices={"I:SPX": slices})))
     assert not result.ok and "not JSON" in result.error and result.tables == [] and result.contracts == 0

@@ -63,7 +63,7 @@ def test_twenty_days_of_random_faults_converge_to_the_fault_free_database(databa
     choice = random.Random(3)
     while not passes or ledger(database) != {"completed": len(DAYS) * len(SYMBOLS)}:
         assert len(passes) < 12, f"no convergence after {len(passes)} passes: {passes}"
-        monkeypatch.setattr(ingest, "LOAD_BATCH_SYMBOLS", choice.randint(1, len(SYMBOLS)))
+        monkeypatch.setattr(ingest.flow, "LOAD_BATCH_SYMBOLS", choice.randint(1, len(SYMBOLS)))
         code, summary = run(db_url, *span, "--concurrency", str(choice.randint(1, 6)), "--quiet")
         assert code in (0, 1)  # 1 only if every day of the pass failed
         passes.append((summary["symbols_ok"], summary["symbols_failed"], summary["symbols_skipped"]))
