@@ -4,7 +4,6 @@ open interest), derived from the Market's chains so that a reconstruction's trut
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import math
@@ -34,13 +33,13 @@ _EARLIEST = date(1990, 1, 2)  # first day of the yields and dividends histories
 # Roots of the index options, and the OCC root of each dotted equity (BRK.B -> BRKB).
 _INDEX_OF_ROOT = {root: symbol for symbol, (roots, *_) in _INDEXES.items() for root in roots}
 _EQUITY_OF_ROOT = {symbol.replace(".", ""): symbol for symbol in _KNOWN}
+_BARE = {symbol: roots[0] for symbol, (roots, *_) in _INDEXES.items()}  # I:SPX's options: SPX
 
 
 class HistoryError(Exception):
     """A non-200 answer: the HTTP status and the real API's body (without request_id)."""
 
     def __init__(self, status: int, api_status: str, **fields: str) -> None:
-        super().__init__(next(iter(fields.values()), api_status))
         self.status, self.api_status, self.fields = status, api_status, fields
 
     def body(self, request_id: str) -> dict[str, str]:
@@ -52,7 +51,6 @@ def _bad(message: str) -> HistoryError:
 
 
 def not_entitled() -> HistoryError:
-    """The 403 the real API sends for data outside the plan."""
     return HistoryError(403, "NOT_AUTHORIZED", message="You are not entitled to this data. "
                         "Please upgrade your plan at https://polygon.io/pricing")
 
@@ -69,9 +67,7 @@ class HistoryRequest:
     symbol: str  # the underlying it concerns, for per-symbol faults and plans ("" for none)
 
 
-class _Day(NamedTuple):
-    """What the history needs from one day's chain: tickers in order, the session's bars and OI."""
-
+class _Day(NamedTuple):  # what the history needs from one day's chain
     tickers: list[str]
     bars: np.ndarray  # (n, 7): o h l c v vw n; NaN where the contract did not trade that session
     oi: list[int | None]  # open interest as that day's snapshot shows it (the previous session's)
@@ -115,21 +111,16 @@ def _json(obj: dict[str, Any]) -> bytes:
     return bytes(memoryview(_dumps(obj)))
 
 
-def _date(value: str, name: str) -> date:
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise _bad(f"{name} must be YYYY-MM-DD") from None
-
-
 def _date_bounds(params: dict[str, str], field: str) -> tuple[date | None, date | None]:
     """The inclusive range that `field`, `field.gte/.gt/.lte/.lt` ask for (None: unbounded)."""
     lows, highs = [], []
-    for suffix, low, shift in (("", True, 0), ("", False, 0), (".gte", True, 0), (".gt", True, 1),
-                               (".lte", False, 0), (".lt", False, -1)):
-        if field + suffix in params:
-            (lows if low else highs).append(_date(params[field + suffix], field + suffix)
-                                            + timedelta(days=shift))
+    for suffix, low, shift in (("", 1, 0), ("", 0, 0), (".gte", 1, 0), (".gt", 1, 1), (".lte", 0, 0),
+                               (".lt", 0, -1)):
+        try:
+            if field + suffix in params:
+                (lows if low else highs).append(date.fromisoformat(params[field + suffix]) + timedelta(shift))
+        except ValueError:
+            raise _bad(f"{field + suffix} must be YYYY-MM-DD") from None
     return max(lows, default=None), min(highs, default=None)
 
 
@@ -145,17 +136,11 @@ def _midnight_ms(day: date) -> int:
     return int(datetime(day.year, day.month, day.day, tzinfo=NEW_YORK).timestamp()) * 1000
 
 
-def _bare(symbol: str) -> str:
-    """The underlying as the reference endpoints name it: SPX for I:SPX."""
-    return _INDEXES[symbol][0][0] if symbol in _INDEXES else symbol
-
-
 class History:
-    """Answers the history endpoints from a Market. Thread-safe. Memory is bounded by two caches (oldest out):
-    `day_cache` chains in summary form (about 150 kB for 2,000 contracts) and `range_cache`
-    (symbol, from, to) indexes of every contract's bars. `today` gives the server's date (no bar,
-    yield or OI after it, no dividend declared after it); `refuse` lists endpoint families
-    (FAMILIES) answered with 403, as for a plan without them."""
+    """Answers the history endpoints from a Market; thread-safe. Two caches (oldest out) bound the
+    memory: `day_cache` chain summaries (about 130 kB for 2,000 contracts) and `range_cache` indexes
+    of every contract's bars over a (symbol, from, to). `today` gives the server's date: nothing
+    after it. `refuse` lists the families (FAMILIES) answered with 403, as for a plan without them."""
 
     def __init__(self, market: Market, today: Callable[[], date], refuse: Collection[str] = (),
                  day_cache: int = 300, range_cache: int = 3) -> None:
@@ -176,8 +161,7 @@ class History:
     def parse(self, path: str, query: dict[str, str]) -> HistoryRequest:
         """The request a path and query make. Raises HistoryError (403 refused, 400 bad cursor)."""
         family = self.family(path)
-        if family is None:
-            raise HistoryError(404, "NOT_FOUND", message="The requested resource was not found")
+        assert family is not None, path
         if family in self.refuse:
             raise not_entitled()
         params, offset, page = {k: v for k, v in query.items() if k not in ("apiKey", "cursor")}, None, 1
@@ -185,7 +169,7 @@ class History:
             try:
                 params, offset, page = json.loads(base64.urlsafe_b64decode(
                     query["cursor"] + "=" * (-len(query["cursor"]) % 4)))
-            except (binascii.Error, ValueError, TypeError):
+            except (ValueError, TypeError):  # binascii.Error is a ValueError
                 raise _bad("invalid cursor") from None
             if not isinstance(page, int) or page < 2 or not all(isinstance(v, str) for v in dict(params).values()):
                 raise _bad("invalid cursor")
@@ -211,7 +195,7 @@ class History:
             name = name.rstrip("0123456789")  # adjusted roots: TSLA1 -> TSLA
             name = _INDEX_OF_ROOT.get(name) or _EQUITY_OF_ROOT.get(name, name)
         elif name in _INDEX_OF_ROOT:  # SPX, not SPXW
-            return _INDEX_OF_ROOT[name] if _bare(_INDEX_OF_ROOT[name]) == name else ""
+            return _INDEX_OF_ROOT[name] if _BARE[_INDEX_OF_ROOT[name]] == name else ""
         p = self.market.profile(name)
         return name if p is not None and (root or not p.is_index) else ""
 
@@ -254,14 +238,12 @@ class History:
         return items[start:start + limit], start + limit if start + limit < len(items) else None
 
     def _contracts(self, request: HistoryRequest, limit: int) -> tuple[list[bytes], Any]:
-        params = request.params
-        if "underlying_ticker" not in params:
-            raise _bad("the simulator needs underlying_ticker")
-        as_of = _date(params["as_of"], "as_of") if "as_of" in params else self.today()
+        params = request.params  # without underlying_ticker: empty (the real API lists the market)
+        as_of = _date_bounds(params, "as_of")[0] or self.today()
         lo, hi = _date_bounds(params, "expiration_date")
         kind = params.get("contract_type")
         listed = [(t, 100, None) for t in self._day(request.symbol, as_of).tickers] if request.symbol else []
-        rows = [_reference_row(t, _bare(request.symbol), request.symbol in _INDEXES, shares, cash)
+        rows = [_reference_row(t, _BARE.get(request.symbol, request.symbol), request.symbol in _INDEXES, shares, cash)
                 for t, shares, cash in sorted(listed + self._adjusted(request.symbol, listed, as_of))
                 if (o := _parse_option(t)) and (not lo or o.expiration >= lo.isoformat())
                 and (not hi or o.expiration <= hi.isoformat()) and (not kind or o.call == (kind == "call"))]
@@ -287,7 +269,8 @@ class History:
         if multiplier != "1" or timespan != "day":
             raise _bad("the simulator serves daily bars only: /range/1/day/")
         lo, hi = (datetime.fromtimestamp(int(v) / 1000, NEW_YORK).date() if v.isdigit()
-                  else _date(v, name) for v, name in ((start, "from"), (end, "to")))
+                  else _date_bounds({name: v}, name)[0] for v, name in ((start, "from"), (end, "to")))
+        assert lo and hi
         hi = min(hi, self.today())
         if not request.symbol or lo > hi:
             bars: list[bytes] = []
@@ -300,22 +283,19 @@ class History:
     def _underlying_bars(self, symbol: str, lo: date, hi: date) -> Iterator[bytes]:
         """Daily bars of the underlying: the close is the snapshot's spot, rounded as there; the
         open is the previous calendar day's spot. Indices carry no volume."""
-        p = self.market.profile(symbol)
-        assert p is not None
         for day in trading_days(lo, hi):
             close = round(self.market.spot(symbol, day), 2)
             open_ = round(self.market.spot(symbol, day - timedelta(days=1)), 2)
             u = _unit(f"bar:{symbol}:{day}")
             high, low = round(max(open_, close) * (1 + 0.006 * u), 2), round(min(open_, close) * (1 - 0.006 * (1 - u)), 2)
             bar: dict[str, Any] = {"o": open_, "c": close, "h": high, "l": low, "t": _midnight_ms(day)}
-            if not p.is_index:
-                volume = int(p.target * 20_000 * (0.5 + u))
+            if not symbol.startswith("I:"):
+                volume = int(20_000_000 * (0.5 + u))
                 bar = {"v": volume, "vw": round((high + low + close) / 3, 4), **bar, "n": volume // 150}
             yield _json(bar)
 
     def _option_bars(self, symbol: str, lo: date, hi: date) -> dict[str, list[bytes]]:
-        """Each contract's daily bars over [lo, hi], built once per range (a year of a 2,000-contract
-        chain is 252 chains): every contract's request is then a lookup."""
+        """Each contract's daily bars over [lo, hi], built once (a year: 252 chains), then looked up."""
         key = (symbol, lo, hi)
         with self._range_lock:  # concurrent requests for a new range wait for one build
             if key in self._ranges:
@@ -345,9 +325,8 @@ class History:
             bar = contract.get("day") or {}
             # Traded in this session: a bar stamped with this day's close (not a carried-over one).
             if bar.get("last_updated") == close_ns and bar.get("volume", 0) > 0:
-                volume = bar["volume"]
-                summary.bars[i] = (bar["open"], bar["high"], bar["low"], bar["close"], volume, bar["vwap"],
-                                   max(1, int(volume**0.75)))  # trades: busier days, larger tickets
+                summary.bars[i] = (bar["open"], bar["high"], bar["low"], bar["close"], bar["volume"],
+                                   bar["vwap"], max(1, int(bar["volume"] ** 0.75)))  # n: larger tickets
         with self._day_lock:
             self._days[symbol, day] = summary
             if len(self._days) > self._sizes[0]:
@@ -359,15 +338,12 @@ class History:
         lo, hi = _date_bounds(request.params, "date")
         hi = min(hi or date.max, self.today())
         days, following = self._paged(trading_days(max(lo or _EARLIEST, _EARLIEST), hi), request, limit)
-        value = 100 * math.expm1(RATE)
-        return [_json({"date": d.isoformat(), **{f"yield_{t}": value for t in _TENORS}})
+        return [_json({"date": d.isoformat(), **{f"yield_{t}": 100 * math.expm1(RATE) for t in _TENORS}})
                 for d in days], following
 
     def _dividends(self, request: HistoryRequest, limit: int) -> tuple[list[bytes], Any]:
         """Quarterly cash dividends of about spot * q / 4, declared four weeks before the ex-date;
         only those declared by today. Newest first (order=asc for oldest first)."""
-        if "ticker" not in request.params:
-            raise _bad("the simulator needs ticker")
         lo, hi = _date_bounds(request.params, "ex_dividend_date")
         p, today, rows = self.market.profile(request.symbol) if request.symbol else None, self.today(), []
         if p is None or p.is_index or p.div_yield <= 0:
@@ -395,7 +371,6 @@ class History:
         params = request.params
         if not {"root", "ticker", "ticker.any_of"} & params.keys():
             raise _bad("the simulator needs root, ticker or ticker.any_of")
-        root = params.get("root")
         wanted = {t.strip() for t in params.get("ticker.any_of", params.get("ticker", "")).split(",")} - {""}
         lo, hi = _date_bounds(params, "date")
         hi = min(hi or date.max, _trading(self.today() - timedelta(days=1), -1))
@@ -409,9 +384,9 @@ class History:
             after = self._day(request.symbol, _trading(session + timedelta(days=1), 1))
             found = [(t, oi, o) for t, oi in zip(after.tickers, after.oi, strict=True)
                      if oi is not None and t in listed and (not wanted or t in wanted)
-                     and (o := _parse_option(t)) and (root is None or o.root == root)]
+                     and (o := _parse_option(t)) and o.root == params.get("root", o.root)]
             take = found[skip:skip + limit - len(rows)]
-            rows += [_json({"ticker": t, "underlying_ticker": _bare(request.symbol), "root": o.root,
+            rows += [_json({"ticker": t, "underlying_ticker": _BARE.get(request.symbol, request.symbol), "root": o.root,
                              "contract_type": "call" if o.call else "put", "expiration_date": o.expiration,
                              "strike_price": o.strike, "open_interest": oi, "date": session.isoformat()})
                      for t, oi, o in take]
