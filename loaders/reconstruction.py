@@ -180,10 +180,10 @@ def black76_iv(undiscounted: float, forward: float, strike: float, t: float,
         return None, "outside_bounds"
     except (ArithmeticError, ValueError):
         return None, "inversion_failed"
-    # The library signals the two bounds with +-FLOAT_MAX on some paths instead of raising.
-    if not math.isfinite(iv) or iv <= 0 or iv > 1e6:
-        return None, "outside_bounds" if abs(iv) >= 1e300 else "inversion_failed"
-    return iv, None
+    if math.isfinite(iv) and 0 < iv < 1e6:
+        return iv, None
+    # On some paths the library answers 0 at intrinsic and +-FLOAT_MAX at the bounds.
+    return None, "outside_bounds" if iv == 0 or abs(iv) >= 1e300 else "inversion_failed"
 
 
 def _ncdf(x: np.ndarray) -> np.ndarray:
