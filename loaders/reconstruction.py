@@ -23,7 +23,7 @@ STANDARD_SHARES = 100
 _TENOR_RE = re.compile(r"^yield_(\d+)_(month|year)s?$")
 _erfc = np.frompyfunc(math.erfc, 1, 1)
 
-# Column order and types as in options_chains (loaders/polygon/helpers.py ARROW_SCHEMA), plus source.
+# Types as in the snapshot pages (polygon/helpers.py ARROW_SCHEMA; a test compares), plus source.
 SCHEMA = pa.schema([
     pa.field("contract_ticker", pa.string(), nullable=False),
     pa.field("expiration_date", pa.date32(), nullable=False),
