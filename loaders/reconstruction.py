@@ -21,6 +21,7 @@ MIN_CLOSE = 0.05  # below this an end-of-day price says nothing about volatility
 YEAR_DAYS = 365.0  # T = calendar days / 365, as the metrics' DTE
 STANDARD_SHARES = 100
 _TENOR_RE = re.compile(r"^yield_(\d+)_(month|year)s?$")
+_OCC_RE = re.compile(r"^O:[A-Z0-9.]+\d{6}([CP])\d{8}$")
 _erfc = np.frompyfunc(math.erfc, 1, 1)
 
 # Types as in the snapshot pages (polygon/helpers.py ARROW_SCHEMA; a test compares), plus source.
@@ -141,16 +142,16 @@ def parity_forward(pairs: Sequence[tuple[float, float, float]], r: float, t: flo
     return strike + math.exp(r * t) * (call - put)
 
 
-def _forwards(chain: _Chain, usable: np.ndarray, rate: np.ndarray, spot: float | None,
-              day: date, curve: Mapping[str, Any],
-              dividends: Sequence[Mapping[str, Any]]) -> dict[date, float]:
+def _forwards(chain: _Chain, usable: np.ndarray, spot: float | None, day: date,
+              curve: Mapping[str, Any], dividends: Sequence[Mapping[str, Any]]) -> dict[date, float]:
     """The forward of every expiry with T > 0: from parity, else spot carried minus dividends."""
-    by_key: dict[tuple[date, float], dict[int, float]] = {}
+    # A pair shares root, expiry and strike (SPX and SPXW list the same expiry and strike).
+    by_key: dict[tuple[str, date, float], dict[int, float]] = {}
     for i in np.flatnonzero(usable):
-        by_key.setdefault((chain.expiries[i], float(chain.strike[i])), {})[int(chain.sign[i])] = (
-            float(chain.close[i]))
+        key = (chain.tickers[i][:-9], chain.expiries[i], float(chain.strike[i]))
+        by_key.setdefault(key, {})[int(chain.sign[i])] = float(chain.close[i])
     pairs: dict[date, list[tuple[float, float, float]]] = {}
-    for (expiry, strike), prices in by_key.items():
+    for (_, expiry, strike), prices in by_key.items():
         if len(prices) == 2:
             pairs.setdefault(expiry, []).append((strike, prices[1], prices[-1]))
     forwards: dict[date, float] = {}
@@ -213,8 +214,6 @@ def greeks(spot: float, forward: np.ndarray, strike: np.ndarray, t: np.ndarray, 
     return delta, gamma, theta, vega
 
 
-# --- inputs --------------------------------------------------------------------------------------
-
 def _reject_reason(contract: Mapping[str, Any]) -> str | None:
     """Why a listed contract is not stored, or None (history.md: standard deliverables only)."""
     kind = contract.get("contract_type")
@@ -222,7 +221,8 @@ def _reject_reason(contract: Mapping[str, Any]) -> str | None:
         return "contract_type_other"
     if contract.get("shares_per_contract") != STANDARD_SHARES or contract.get("additional_underlyings"):
         return "non_standard_deliverable"
-    if kind not in ("call", "put") or not isinstance(contract.get("ticker"), str):
+    occ = _OCC_RE.match(contract.get("ticker") or "")  # the counterpart is found by symbol
+    if kind not in ("call", "put") or occ is None or occ[1] != kind[0].upper():
         return "malformed"
     try:
         date.fromisoformat(contract["expiration_date"])
@@ -289,8 +289,6 @@ def _check_inputs(day: date, underlying_close: float | None, curve: Mapping[str,
         raise ValueError(f"treasury curve of {curve_date} is later than {day}: it was not known then")
     curve_points(curve)
 
-
-# --- the day -------------------------------------------------------------------------------------
 
 def _price_reasons(chain: _Chain) -> np.ndarray:
     """The first reason each contract's own price cannot give an IV, or None."""
@@ -374,7 +372,7 @@ def reconstruct_day(
     chain, rejected, underlyings = _parse_chain(day, contracts, bars)
     rate = continuous_rate(curve, np.maximum(chain.dte, 0.0))
     reasons = _price_reasons(chain)
-    forwards = _forwards(chain, reasons == None, rate, underlying_close, day, curve, dividends)  # noqa: E711
+    forwards = _forwards(chain, reasons == None, underlying_close, day, curve, dividends)  # noqa: E711
     forward = np.array([forwards.get(e, np.nan) for e in chain.expiries], dtype=np.float64)
     iv, inverted, borrowed = _implied_vols(chain, reasons, forward, rate)
     t = np.maximum(chain.dte, 1.0) / YEAR_DAYS

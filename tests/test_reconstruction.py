@@ -224,10 +224,12 @@ def test_non_standard_deliverables_and_other_types_are_rejected() -> None:
                                                          "amount": 50}]),
         _contract(115.0, True, contract_type="other"),
         _contract(120.0, True, expiration_date="someday"),
+        _contract(125.0, True, ticker="O:TST-125"),  # not an OCC symbol
+        _contract(130.0, True, ticker=_ticker(EXPIRY, 130.0, False)),  # a put by its symbol
     ]
     result = rec.reconstruct_day(D, contracts, {}, 100.0, CURVE)
     assert result.rejected == {"non_standard_deliverable": 2, "contract_type_other": 1,
-                               "malformed": 1}
+                               "malformed": 3}
     assert result.rows == 2 and result.not_inverted == {"no_bar": 2}
 
 
