@@ -75,11 +75,15 @@ def test_contract_shape_matches_polygon(market: Market) -> None:
         if c["day"]:
             assert set(c["day"]) == DAY_FIELDS and isinstance(c["day"]["volume"], int)
             assert c["day"]["low"] <= c["day"]["close"] <= c["day"]["high"]
-        if "greeks" in c:
+        if c.get("greeks"):
             g = c["greeks"]
             assert set(g) == {"delta", "gamma", "theta", "vega"} and all(map(_number, g.values()))
             assert (g["delta"] > 0) if d["contract_type"] == "call" else (g["delta"] < 0)
-            assert 0 < c["implied_volatility"] <= 5 and g["gamma"] >= 0 and g["vega"] >= 0
+            assert g["gamma"] >= 0 and g["vega"] >= 0
+            # Above 5 only deep in the money, as recorded real responses show (e.g. 10.17).
+            assert 0 < c["implied_volatility"] <= 5 or abs(g["delta"]) > 0.97
+        else:
+            assert c.get("greeks", {}) == {} and "implied_volatility" not in c
         if "last_quote" in c:
             q = c["last_quote"]
             assert set(q) == {"ask", "ask_size", "bid", "bid_size", "last_updated", "midpoint",
@@ -107,7 +111,8 @@ def test_greeks_and_prices_are_black_scholes_at_the_iv(market: Market) -> None:
     for c in market.chain("MSFT", DAY)[::7]:
         d = c["details"]
         dte = (date.fromisoformat(d["expiration_date"]) - DAY).days
-        if dte < 1 or "greeks" not in c or "fmv" not in c:
+        # The IVs above 5 deep in the money are quirks of the feed, not the model's vol: skipped.
+        if dte < 1 or not c.get("greeks") or "fmv" not in c or c["implied_volatility"] > 5:
             continue
         t, k, iv, call = dte / 365, d["strike_price"], c["implied_volatility"], d["contract_type"] == "call"
         d1 = (math.log(spot / k) + (r - q + iv * iv / 2) * t) / (iv * math.sqrt(t))
@@ -129,7 +134,7 @@ def test_greeks_and_prices_are_black_scholes_at_the_iv(market: Market) -> None:
 def test_some_contracts_lack_greeks_and_iv(market: Market) -> None:
     chain = market.chain("NVDA", DAY)
     spot = chain[0]["underlying_asset"]["price"]
-    bare = [c for c in chain if "greeks" not in c]
+    bare = [c for c in chain if not c.get("greeks")]
     assert bare and all("implied_volatility" not in c for c in bare)
     itm = 0
     for c in bare:
