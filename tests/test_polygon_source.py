@@ -114,9 +114,7 @@ def test_index_underlying_price_comes_from_value() -> None:
     ({"greeks__delta": "n/a"}, "unparseable delta"),
     ({"open_interest": 1.5}, "unparseable open_interest"),
     ({"open_interest": 2**70}, "unparseable open_interest"),
-    ({"day__last_updated": 2**80}, "unparseable day.last_updated"),
     ({"last_quote": [1, 2]}, "unparseable last_quote"),
-    ({"day__last_updated": "yesterday"}, "unparseable day.last_updated"),
     ({"implied_volatility": float("nan")}, "unparseable implied_volatility"),
 ])
 def test_bad_contracts_are_rejected_and_counted_the_others_load(change: dict, reason: str) -> None:

@@ -136,12 +136,16 @@ def _integer(value: Any, name: str) -> int | None:
     return int(number)
 
 
+# Plausible Unix nanoseconds: 2000-01-01 to 2100-01-01. A recorded response carries milliseconds
+# (1672434000000): read as nanoseconds it would be January 1970, so it is dropped, not stored.
+_NANOS_RANGE = (946_684_800 * 10**9, 4_102_444_800 * 10**9)
+
+
 def _nanos_to_micros(value: Any, name: str) -> int | None:
-    """Polygon timestamps are Unix nanoseconds; PostgreSQL keeps microseconds."""
-    if value is None:
+    """Polygon timestamps are Unix nanoseconds; PostgreSQL keeps microseconds. A value that is
+    not a plausible nanosecond time (milliseconds, a float, a string) is None: the contract stays."""
+    if type(value) is not int or not _NANOS_RANGE[0] <= value < _NANOS_RANGE[1]:
         return None
-    if type(value) is not int or not 0 <= value < 2**63:
-        raise _Reject(f"unparseable {name}")
     return value // 1000
 
 
