@@ -517,7 +517,8 @@ def test_serve_runs_in_the_foreground_until_ctrl_c(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    code = f"from loaders.simulator.server import serve; raise SystemExit(serve({port}, seed=3))"
+    code = ("from loaders.cli import main; raise SystemExit(main(['simulator', 'serve', '--port',"
+            f" '{port}', '--seed', '3', '--plan', 'starter']))")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parent.parent, env=os.environ.copy())
     try:
@@ -529,6 +530,7 @@ def test_serve_runs_in_the_foreground_until_ctrl_c(tmp_path: Path) -> None:
             except requests.ConnectionError:
                 time.sleep(0.05)
         assert response.status_code == 200 and response.json()["results"]
+        assert response.json()["results"][0]["underlying_asset"] == {"ticker": "KO"}  # --plan starter
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
