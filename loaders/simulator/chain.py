@@ -122,3 +122,4 @@ def exchanges_and_conditions(u_exchange: np.ndarray, u_condition: np.ndarray) ->
     """Indexes into the exchange and condition codes for uniform draws."""
     return ((u_exchange * len(_EXCHANGES)).astype(np.int64),
             (u_condition * len(_CONDITIONS)).astype(np.int64))
+

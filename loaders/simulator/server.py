@@ -183,6 +183,9 @@ class SimulatorServer:
         self._requests: deque[RequestRecord] = deque(maxlen=100_000)
         self._faults: dict[str, Fault] = {}
         self._filtered: dict[tuple[str, tuple[Any, ...]], list[bytes]] = {}
+        # Per chain: its contracts' filter fields, beside the cached list they were read from.
+        self._details: dict[tuple[str, date], tuple[list[bytes], list[tuple[dict[str, Any], bytes]]]] = {}
+        self._select_lock = threading.Lock()
         self._counters: dict[tuple[str, str], list[int]] = {}  # (fault key, symbol): 429s, 5xx, hits
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
@@ -354,16 +357,22 @@ class SimulatorServer:
         if page.is_plain:
             return contracts
         key = (symbol, page.selection())
-        with self._lock:
-            cached = self._filtered.get(key)
-        if cached is None:
-            # Rare (filtered or re-sorted requests): parsing the contracts back is simpler than
-            # keeping their fields beside every cached chain.
-            cached = page.select([(_loads(raw)["details"], raw) for raw in contracts])
+        # One lock for building: the parallel slices of one chain read its details once.
+        with self._select_lock:
             with self._lock:
-                self._filtered[key] = cached
-                while len(self._filtered) > 64:
-                    del self._filtered[next(iter(self._filtered))]
+                cached = self._filtered.get(key)
+            if cached is None:
+                index = self._details.get((symbol, page.as_of))
+                if index is None or index[0] is not contracts:
+                    index = self._details[(symbol, page.as_of)] = (
+                        contracts, [(_loads(raw)["details"], raw) for raw in contracts])
+                    while len(self._details) > 8:
+                        del self._details[next(iter(self._details))]
+                cached = page.select(index[1])
+                with self._lock:
+                    self._filtered[key] = cached
+                    while len(self._filtered) > 64:
+                        del self._filtered[next(iter(self._filtered))]
         return cached
 
     def _send_page(self, handler: _Handler, symbol: str, page: ChainQuery, fault: Fault | None) -> None:
