@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--port", type=_bounded_int(0, 65535), default=8765, help="port (default 8765)")
     p_serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p_serve.add_argument("--seed", type=int, default=42, help="market seed (default 42)")
+    p_serve.add_argument("--plan", choices=("full", "starter"), default="full",
+                         help="response shape of a Polygon plan: full (quotes, trades, fmv, spot) or "
+                         "starter (none of those) (default full)")
 
     p_report = sub.add_parser("report", help="write the HTML/PNG volatility report from the database")
     add_db_argument(p_report)
@@ -251,7 +254,7 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
 def _cmd_simulator(args: argparse.Namespace) -> int:
     from .simulator.server import serve
 
-    return serve(port=args.port, host=args.host, seed=args.seed)
+    return serve(port=args.port, host=args.host, seed=args.seed, plan=args.plan)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

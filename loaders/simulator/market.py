@@ -29,6 +29,14 @@ from typing import Any
 import numpy as np
 
 from ..trading_calendar import NEW_YORK, is_trading_day
+from .chain import (
+    EMPTY_GREEKS_SHARE,
+    HIGH_IV_SHARE,
+    check_plan,
+    day_bars,
+    exchanges_and_conditions,
+    render,
+)
 
 MIN_DATE = date(1900, 1, 1)
 MAX_DATE = date(2199, 12, 31)
@@ -72,8 +80,6 @@ _KNOWN: dict[str, tuple[float, float, int]] = {
     "WMT": (90.0, 0.20, 900), "V": (315.0, 0.20, 800), "JNJ": (145.0, 0.16, 600),
     "UNH": (510.0, 0.30, 1000), "COIN": (260.0, 0.75, 1300), "MSTR": (320.0, 1.00, 1400),
 }
-_EXCHANGES = (300, 301, 302, 303, 304, 307, 308, 309, 312, 313, 315, 316, 319, 322, 323, 325)
-_CONDITIONS = (209, 219, 227, 229, 233)
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +383,7 @@ class Market:
         cache_size: chains kept as serialised JSON (one per symbol and date, least recently used).
         """
         self.seed = seed
-        self._cache: OrderedDict[tuple[str, date], list[bytes]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, date, str], list[bytes]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
@@ -431,20 +437,21 @@ class Market:
             "put_call_bias": p.put_call, "expiries": len(dtes),
         }
 
-    def chain(self, symbol: str, as_of: date) -> list[dict[str, Any]]:
-        """The options snapshot of symbol on as_of: Polygon-shaped contracts sorted by ticker."""
+    def chain(self, symbol: str, as_of: date, plan: str = "full") -> list[dict[str, Any]]:
+        """The options snapshot of symbol on as_of: Polygon-shaped contracts sorted by ticker,
+        shaped for `plan` ("full", or "starter": no quotes, trades, fmv, break-even, spot)."""
         _day_index(as_of)
-        return list(self._contracts(symbol, as_of))
+        return list(self._contracts(symbol, as_of, check_plan(plan)))
 
-    def chain_json(self, symbol: str, as_of: date) -> list[bytes]:
+    def chain_json(self, symbol: str, as_of: date, plan: str = "full") -> list[bytes]:
         """chain() with each contract serialised as compact JSON; cached (LRU) for the server."""
-        key = (symbol, as_of)
+        key = (symbol, as_of, check_plan(plan))
         # One lock around generation too: concurrent pages of a new chain must not build it twice.
         with self._lock:
             cached = self._cache.get(key)
             if cached is None:
                 _day_index(as_of)
-                cached = [_dumps(c) for c in self._contracts(symbol, as_of)]
+                cached = [_dumps(c) for c in self._contracts(symbol, as_of, plan)]
                 self._cache[key] = cached
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
@@ -473,144 +480,128 @@ class Market:
             lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
         return surface.vol((lo + hi) / 2, t)
 
-    def _contracts(self, symbol: str, as_of: date) -> Iterator[dict[str, Any]]:
+    def _contracts(self, symbol: str, as_of: date, plan: str = "full") -> Iterator[dict[str, Any]]:
         """The chain's contracts in ticker order, built one at a time."""
         p = self.profile(symbol)
         if p is None:
             return
         day = _day_index(as_of)
-        spot, prev_spot = _spot(p, self.seed, day), _spot(p, self.seed, day - 1)
-        x = _iv_level(p, self.seed, day)
-        surface = _surface(p, x)
-        q, r = p.div_yield, RATE
-        listed = _expiries(as_of, p.schedule)
-        # Index: the standard root lists only the third-Friday expiries; the weekly root lists all.
-        per_root = [[d for d, std in listed if std or not p.is_index or i == 1]
-                    for i in range(len(p.roots))]
-        count = max(_MIN_STRIKES, round(p.target / (2 * sum(map(len, per_root)))))
-        grids: dict[date, np.ndarray] = {}
-        for d, _ in listed:
-            t = max((d - as_of).days, 1) / _YEAR
-            forward = spot * math.exp((r - q) * t)
-            grids[d] = _strike_grid(forward, float(surface.atm(np.array(t))), t, count, p.range_k)
-
-        tickers: list[str] = []
-        expiry_iso: list[str] = []
-        strikes, is_call, dtes = [], [], []
-        for root, dates in zip(p.roots, per_root, strict=True):
-            for d in dates:
-                grid = grids[d]
-                for call in (True, False):
-                    prefix = f"O:{root}{d:%y%m%d}{'C' if call else 'P'}"
-                    tickers += [f"{prefix}{k:08d}" for k in np.round(grid * 1000).astype(np.int64).tolist()]
-                    expiry_iso += [d.isoformat()] * len(grid)
-                    strikes.append(grid)
-                    is_call.append(np.full(len(grid), call))
-                    dtes.append(np.full(len(grid), (d - as_of).days, dtype=np.float64))
+        spot = _spot(p, self.seed, day)
+        surface = _surface(p, _iv_level(p, self.seed, day))
+        tickers, expiry_iso, k_arr, call_arr, dte = _listing(p, as_of, spot, surface)
         if not tickers:
             return
-        k_arr, call_arr, dte = np.concatenate(strikes), np.concatenate(is_call), np.concatenate(dtes)
-        n = len(k_arr)
-        # Expiring today: a few hours of time value (the snapshot is taken at the close).
-        t = np.maximum(dte, 0.25) / _YEAR
-        forward = spot * np.exp((r - q) * t)
-        log_m = np.log(k_arr / forward)
-        vol = surface.vol(log_m, t)
-        sign = np.where(call_arr, 1.0, -1.0)
-        price, delta, gamma, theta, vega = _black_scholes(spot, k_arr, t, r, q, vol, sign)
-
-        rng = _rng(self.seed, symbol, 4, day)
-        u = rng.random((15, n))
-        noise = rng.standard_normal((3, n))
-        # Open interest: near the money (on the out-of-the-money side), near term, round strikes.
-        z_otm = sign * log_m / (surface.atm(t) * np.sqrt(np.maximum(t, 7 / _YEAR)))
-        weight = (np.exp(-0.5 * ((z_otm - 0.4) / 1.3) ** 2) * (0.2 + np.exp(-t / 0.25))
-                  * np.where(call_arr, 1.0, p.put_call * math.exp(0.15 * rng.standard_normal())))
-        round_strike = (np.round(k_arr * 1000).astype(np.int64) % (10000 if spot > 50 else 5000)) == 0
-        oi = np.floor(p.oi_scale * 40 * weight * np.where(round_strike, 1.6, 1.0)
-                      * np.exp(0.7 * noise[0] - 0.25)).astype(np.int64)
-        volume = np.floor(oi * p.turnover * (0.3 + 3 * np.exp(-t / 0.05)) * np.exp(noise[1] - 0.5)
-                          ).astype(np.int64)
-        volume = np.where(volume < 1, 0, volume)
-
-        close_ns = _close_ns(as_of)
-        prev_price = np.maximum(price - delta * (spot - prev_spot) - theta, 0.0)
-        close = np.maximum(np.round(price, 2), 0.01)
-        prev_close = np.maximum(np.round(prev_price, 2), 0.01)
-        day_open = np.maximum(np.round(prev_close + (close - prev_close) * (u[0] - 0.3), 2), 0.01)
-        high = np.round(np.maximum(day_open, close) * (1 + 0.08 * u[1]), 2)
-        low = np.maximum(np.round(np.minimum(day_open, close) * (1 - 0.08 * u[2]), 2), 0.01)
-        vwap = np.round(low + (high - low) * u[3], 4)
-        change = np.round(close - prev_close, 2)
-        change_pct = np.round(change / prev_close * 100, 2)
-        # Quotes: a spread that widens away from the money; ticks of 0.01 below 3.00, else 0.05.
-        half = np.maximum(0.005, (0.01 + 0.03 * price) * (1.5 - np.exp(-0.5 * z_otm**2)) / 2)
-        tick = np.where(price < 3, 0.01, 0.05)
-        bid = np.maximum(np.floor((price - half) / tick) * tick, 0.0).round(2)
-        ask = np.maximum(np.ceil((price + half) / tick) * tick, bid + 0.01).round(2)
-        mid = np.round((bid + ask) / 2, 4)
-        quote_ns = close_ns + (u[4] * 900).astype(np.int64) * 1_000_000_000
-        trade_ns = close_ns - (u[5] * 23_400).astype(np.int64) * 1_000_000_000  # in the session
-        has_quote = u[6] < p.quote_cov
-        has_trade = np.where(volume > 0, u[7] < p.trade_cov, (oi > 0) & (u[7] < 0.3 * p.trade_cov))
-        trade_ns = np.where(volume > 0, trade_ns, trade_ns - 86_400_000_000_000)
-        trade_price = np.where(volume > 0, close, prev_close)
-        # No IV can be backed out of a worthless option; deep in the money, providers often skip it.
-        no_greeks = (price < 0.005) | ((np.abs(delta) > 0.93) & (u[8] < p.no_greeks_itm))
-        # Signs survive rounding: call deltas stay positive, put deltas negative.
-        delta = np.where(call_arr, np.maximum(delta, 1e-6), np.minimum(delta, -1e-6))
-        has_fmv = u[9] < 0.95
-        oi_state = np.where(u[10] < 0.003, 1, np.where(u[10] < 0.006, 2, 0))  # 1 null, 2 missing
-        break_even = np.round(k_arr + sign * price, 4)
-        spot_out = round(spot, 2)
-        under_key = "value" if p.is_index else "price"
-        style = "european" if p.is_index else "american"
-
+        cols = _columns(p, self.seed, day, as_of, spot, surface, k_arr, call_arr, dte)
         # Sorted by ticker up front, so contracts can be yielded one at a time: the server serialises
         # each as it comes and never holds a whole chain of dicts (which the GC would keep scanning).
-        order = np.array(sorted(range(n), key=tickers.__getitem__), dtype=np.int64)
-        cols = [[tickers[i] for i in order], [expiry_iso[i] for i in order]]
-        cols += [c[order].tolist() for c in (
-            k_arr, call_arr, break_even, np.round(break_even - spot_out, 4), close, prev_close,
-            day_open, high, low, vwap, change, change_pct, volume, np.round(price, 4),
-            np.round(delta, 6), np.round(gamma, 6), np.round(theta, 6), np.round(vega, 6),
-            np.round(vol, 6), bid, ask, mid, quote_ns, trade_ns, trade_price, has_quote, has_trade,
-            no_greeks, has_fmv, oi, oi_state, (u[11] * 200 + 1).astype(np.int64),
-            (u[14] * 200 + 1).astype(np.int64), (noise[2] ** 2 * 20 + 1).astype(np.int64),
-            (u[12] * len(_EXCHANGES)).astype(np.int64), (u[13] * len(_CONDITIONS)).astype(np.int64),
-        )]
-        for (ticker, expiry, K, call, be, cbe, cl, pc, op, hi, lo, vw, ch, chp, vo, fmv, de, ga, th,
-             ve, iv, bi, ak, md, qns, tns, tpx, hq, ht, ng, hf, o_i, ois, ask_size, bid_size, tsize,
-             ex, cond) in zip(*cols, strict=True):
-            strike = int(K) if K == int(K) else K
-            c: dict[str, Any] = {"break_even_price": be}
-            c["day"] = {
-                "change": ch, "change_percent": chp, "close": cl, "high": hi,
-                "last_updated": close_ns, "low": lo, "open": op, "previous_close": pc,
-                "volume": vo, "vwap": vw,
-            } if vo else {}
-            c["details"] = {
-                "contract_type": "call" if call else "put", "exercise_style": style,
-                "expiration_date": expiry, "shares_per_contract": 100,
-                "strike_price": strike, "ticker": ticker,
-            }
-            if hf:
-                c["fmv"] = fmv
-            if not ng:
-                c["greeks"] = {"delta": de, "gamma": ga, "theta": th, "vega": ve}
-                c["implied_volatility"] = iv
-            if hq:
-                c["last_quote"] = {"ask": ak, "ask_size": ask_size, "bid": bi, "bid_size": bid_size,
-                                   "last_updated": qns, "midpoint": md, "timeframe": "DELAYED"}
-            if ht:
-                c["last_trade"] = {"price": tpx, "sip_timestamp": tns, "size": tsize,
-                                   "conditions": [_CONDITIONS[cond]], "exchange": _EXCHANGES[ex],
-                                   "timeframe": "DELAYED"}
-            if ois != 2:
-                c["open_interest"] = None if ois else o_i
-            c["underlying_asset"] = {"change_to_break_even": cbe, "last_updated": close_ns,
-                                     under_key: spot_out, "ticker": symbol, "timeframe": "DELAYED"}
-            yield c
+        order = np.array(sorted(range(len(tickers)), key=tickers.__getitem__), dtype=np.int64)
+        lists = [[tickers[i] for i in order], [expiry_iso[i] for i in order]]
+        lists += [c[order].tolist() for c in cols]
+        yield from render(symbol, plan, p.is_index, round(spot, 2), _close_ns(as_of), lists)
+
+
+def _listing(p: Profile, as_of: date, spot: float, surface: _Surface
+             ) -> tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Every listed contract: tickers, ISO expiries, strikes, is-call flags and days to expiry."""
+    q, r = p.div_yield, RATE
+    listed = _expiries(as_of, p.schedule)
+    # Index: the standard root lists only the third-Friday expiries; the weekly root lists all.
+    per_root = [[d for d, std in listed if std or not p.is_index or i == 1]
+                for i in range(len(p.roots))]
+    count = max(_MIN_STRIKES, round(p.target / (2 * max(1, sum(map(len, per_root))))))
+    grids: dict[date, np.ndarray] = {}
+    for d, _ in listed:
+        t = max((d - as_of).days, 1) / _YEAR
+        forward = spot * math.exp((r - q) * t)
+        grids[d] = _strike_grid(forward, float(surface.atm(np.array(t))), t, count, p.range_k)
+    tickers: list[str] = []
+    expiry_iso: list[str] = []
+    strikes, is_call, dtes = [], [], []
+    for root, dates in zip(p.roots, per_root, strict=True):
+        for d in dates:
+            grid = grids[d]
+            for call in (True, False):
+                prefix = f"O:{root}{d:%y%m%d}{'C' if call else 'P'}"
+                tickers += [f"{prefix}{k:08d}" for k in np.round(grid * 1000).astype(np.int64).tolist()]
+                expiry_iso += [d.isoformat()] * len(grid)
+                strikes.append(grid)
+                is_call.append(np.full(len(grid), call))
+                dtes.append(np.full(len(grid), (d - as_of).days, dtype=np.float64))
+    if not tickers:
+        return [], [], np.array([]), np.array([]), np.array([])
+    return tickers, expiry_iso, np.concatenate(strikes), np.concatenate(is_call), np.concatenate(dtes)
+
+
+def _columns(p: Profile, seed: int, day: int, as_of: date, spot: float, surface: _Surface,
+             k_arr: np.ndarray, call_arr: np.ndarray, dte: np.ndarray) -> list[np.ndarray]:
+    """Every per-contract value, as arrays in the column order chain.render expects (after the
+    ticker and expiry)."""
+    n, q, r = len(k_arr), p.div_yield, RATE
+    prev_spot = _spot(p, seed, day - 1)
+    # Expiring today: a few hours of time value (the snapshot is taken at the close).
+    t = np.maximum(dte, 0.25) / _YEAR
+    log_m = np.log(k_arr / (spot * np.exp((r - q) * t)))
+    vol = surface.vol(log_m, t)
+    sign = np.where(call_arr, 1.0, -1.0)
+    price, delta, gamma, theta, vega = _black_scholes(spot, k_arr, t, r, q, vol, sign)
+
+    rng = _rng(seed, p.symbol, 4, day)
+    u = rng.random((15, n))
+    noise = rng.standard_normal((3, n))
+    # Open interest: near the money (on the out-of-the-money side), near term, round strikes.
+    z_otm = sign * log_m / (surface.atm(t) * np.sqrt(np.maximum(t, 7 / _YEAR)))
+    weight = (np.exp(-0.5 * ((z_otm - 0.4) / 1.3) ** 2) * (0.2 + np.exp(-t / 0.25))
+              * np.where(call_arr, 1.0, p.put_call * math.exp(0.15 * rng.standard_normal())))
+    round_strike = (np.round(k_arr * 1000).astype(np.int64) % (10000 if spot > 50 else 5000)) == 0
+    oi = np.floor(p.oi_scale * 40 * weight * np.where(round_strike, 1.6, 1.0)
+                  * np.exp(0.7 * noise[0] - 0.25)).astype(np.int64)
+    volume = np.floor(oi * p.turnover * (0.3 + 3 * np.exp(-t / 0.05)) * np.exp(noise[1] - 0.5)
+                      ).astype(np.int64)
+    volume = np.where(volume < 1, 0, volume)
+
+    close_ns = _close_ns(as_of)
+    prev_price = np.maximum(price - delta * (spot - prev_spot) - theta, 0.0)
+    close = np.maximum(np.round(price, 2), 0.01)
+    prev_close = np.maximum(np.round(prev_price, 2), 0.01)
+    day_open = np.maximum(np.round(prev_close + (close - prev_close) * (u[0] - 0.3), 2), 0.01)
+    high = np.round(np.maximum(day_open, close) * (1 + 0.08 * u[1]), 2)
+    low = np.maximum(np.round(np.minimum(day_open, close) * (1 - 0.08 * u[2]), 2), 0.01)
+    change = np.round(close - prev_close, 2)
+    # The awkward parts draw from their own stream, so the model's values above stay as they were.
+    v = _rng(seed, p.symbol, 5, day).random((8, n))
+    bars = day_bars(v[:5], {
+        "close": close, "prev_close": prev_close, "open": day_open, "high": high, "low": low,
+        "vwap": np.round(low + (high - low) * u[3], 4), "change": change,
+        "change_pct": np.round(change / prev_close * 100, 2), "volume": volume,
+    }, oi, close_ns, _close_ns(_trading_on_or_before(as_of - timedelta(days=1))))
+    # Quotes: a spread that widens away from the money; ticks of 0.01 below 3.00, else 0.05.
+    half = np.maximum(0.005, (0.01 + 0.03 * price) * (1.5 - np.exp(-0.5 * z_otm**2)) / 2)
+    tick = np.where(price < 3, 0.01, 0.05)
+    bid = np.maximum(np.floor((price - half) / tick) * tick, 0.0).round(2)
+    ask = np.maximum(np.ceil((price + half) / tick) * tick, bid + 0.01).round(2)
+    trade_ns = close_ns - (u[5] * 23_400).astype(np.int64) * 1_000_000_000  # in the session
+    has_trade = np.where(volume > 0, u[7] < p.trade_cov, (oi > 0) & (u[7] < 0.3 * p.trade_cov))
+    # No IV can be backed out of a worthless option; deep in the money, providers often skip it,
+    # sometimes as `greeks: {}`, and now and then report an IV far above 5 (recorded: 10.17).
+    no_greeks = (price < 0.005) | ((np.abs(delta) > 0.93) & (u[8] < p.no_greeks_itm))
+    greeks_state = np.where(no_greeks, np.where(v[5] < EMPTY_GREEKS_SHARE, 2, 1), 0)
+    high_iv = ~no_greeks & (np.abs(delta) > 0.97) & (v[6] < HIGH_IV_SHARE)
+    # Signs survive rounding: call deltas stay positive, put deltas negative.
+    delta = np.where(call_arr, np.maximum(delta, 1e-6), np.minimum(delta, -1e-6))
+    break_even = np.round(k_arr + sign * price, 4)
+    return [
+        k_arr, call_arr, break_even, np.round(break_even - round(spot, 2), 4), bars.kind,
+        *bars.columns, np.round(price, 4), np.round(delta, 6), np.round(gamma, 6),
+        np.round(theta, 6), np.round(vega, 6),
+        np.where(high_iv, np.round(5.2 + 6 * v[7], 2), np.round(vol, 6)),
+        bid, ask, np.round((bid + ask) / 2, 4),
+        close_ns + (u[4] * 900).astype(np.int64) * 1_000_000_000,
+        np.where(volume > 0, trade_ns, trade_ns - 86_400_000_000_000),
+        np.where(volume > 0, close, prev_close), u[6] < p.quote_cov, has_trade, greeks_state,
+        u[9] < 0.95, oi, np.where(u[10] < 0.003, 1, np.where(u[10] < 0.006, 2, 0)),  # 1 null, 2 missing
+        (u[11] * 200 + 1).astype(np.int64), (u[14] * 200 + 1).astype(np.int64),
+        (noise[2] ** 2 * 20 + 1).astype(np.int64), *exchanges_and_conditions(u[12], u[13]),
+    ]
 
 
 def _synthetic_name(i: int) -> str:

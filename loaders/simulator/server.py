@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -21,16 +19,19 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from ..trading_calendar import today as calendar_today
+from .chain import check_plan
 from .history import History, HistoryError, not_entitled
 from .market import Market
+from .query import ChainQuery, parse_query
+
+try:  # orjson (installed with dlt) parses several times faster than the standard library
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    _loads = json.loads
 
 log = logging.getLogger(__name__)
 
 _PATH_RE = re.compile(r"^/v3/snapshot/options/([^/]+)$")
-_DEFAULT_LIMIT = 10
-# Polygon's filters on the snapshot (inclusive bounds), kept by the cursor like the date.
-_EXPIRATION_FILTERS = ("expiration_date.gte", "expiration_date.lte")
-_EXPIRATION_KEY = b'"expiration_date":"'
 _HTML = (b"<!DOCTYPE html><html><head><title>503 Service Temporarily Unavailable</title></head>"
          b"<body><h1>Service Temporarily Unavailable</h1><p>Please try again later.</p></body></html>")
 _TOO_MANY = ("You've exceeded the maximum requests per minute, please wait or upgrade your subscription "
@@ -85,40 +86,6 @@ class RequestRecord:
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
-
-
-@dataclass
-class _Page:
-    """Where a request is in a chain: decoded from the cursor, or the first page. The cursor
-    keeps the date and the expiration filters of the first request, as Polygon's does."""
-
-    as_of: date
-    offset: int
-    limit: int
-    number: int
-    expiration_gte: date | None = None
-    expiration_lte: date | None = None
-
-    def cursor(self) -> str:
-        fields = [self.as_of.isoformat(), str(self.offset), str(self.limit), str(self.number)]
-        if self.expiration_gte or self.expiration_lte:
-            fields += [d.isoformat() if d else "" for d in (self.expiration_gte, self.expiration_lte)]
-        return base64.urlsafe_b64encode(",".join(fields).encode()).decode().rstrip("=")
-
-    @classmethod
-    def from_cursor(cls, cursor: str) -> _Page:
-        try:
-            raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-            day, offset, limit, number, *bounds = raw.split(",")
-            if len(bounds) not in (0, 2):
-                raise ValueError("invalid cursor")
-            gte, lte = (date.fromisoformat(b) if b else None for b in (bounds or ["", ""]))
-            page = cls(date.fromisoformat(day), int(offset), int(limit), int(number), gte, lte)
-        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-            raise ValueError("invalid cursor") from exc
-        if page.offset < 0 or page.limit < 1 or page.number < 1:
-            raise ValueError("invalid cursor")
-        return page
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -181,16 +148,18 @@ def _request_id(*parts: object) -> str:
 class SimulatorServer:
     """Serves `GET /v3/snapshot/options/{underlying}` from a Market over loopback HTTP.
 
-    The real API's parameters `limit`, `cursor`, `apiKey` and the expiration filters
-    `expiration_date.gte` / `expiration_date.lte`; besides them, the first request of a chain may
-    carry `date=YYYY-MM-DD` (the real endpoint only has today). The cursor keeps the date and the
-    filters.
+    The real API's parameters: `limit`, `cursor`, `apiKey` (or `Authorization: Bearer`),
+    `contract_type`, `strike_price` and `expiration_date` (each also `.gt/.gte/.lt/.lte`),
+    `sort` (ticker, expiration_date, strike_price) and `order` (asc, desc). Besides them, the
+    first request of a chain may carry `date=YYYY-MM-DD` (the real endpoint only has today).
+    The cursor keeps the whole query: later pages carry nothing else.
     """
 
     def __init__(self, market: Market | None = None, *, api_key: str = "sim-key",
                  host: str = "127.0.0.1", port: int = 0, today: date | None = None,
                  not_entitled: Collection[str] = frozenset(), max_limit: int = 250,
-                 rate_limit: tuple[int, float] | None = None, refuse: Collection[str] = ()) -> None:
+                 rate_limit: tuple[int, float] | None = None, plan: str = "full",
+                 refuse: Collection[str] = ()) -> None:
         """Args:
         market: the market to serve (default Market(seed=42)).
         api_key: the only key accepted (query `apiKey` or `Authorization: Bearer`).
@@ -201,9 +170,12 @@ class SimulatorServer:
         rate_limit: (n, seconds): a plan's request limit. A request arriving when n requests were
             already served in the last `seconds` gets a 429 (counted in `rate_limited`), as the
             real API answers a key over its plan's rate (free tier: (5, 60)).
+        plan: the response shape of a plan: "full" (quotes, trades, fmv, break-even, spot) or
+            "starter" (none of those; `underlying_asset` is just its ticker).
         refuse: history endpoint families answered with 403 (history.FAMILIES), as for a plan
             without them, e.g. ("open_interest",).
         """
+        self.plan = check_plan(plan)
         self.market = market or Market()
         self.api_key = api_key
         self.host, self.port = host, port
@@ -217,7 +189,10 @@ class SimulatorServer:
         # Bounded: a long `kapman simulator serve` session must not grow without limit.
         self._requests: deque[RequestRecord] = deque(maxlen=100_000)
         self._faults: dict[str, Fault] = {}
-        self._filtered: dict[tuple[str, date, date | None, date | None], list[bytes]] = {}
+        self._filtered: dict[tuple[str, tuple[Any, ...]], list[bytes]] = {}
+        # Per chain: its contracts' filter fields, beside the cached list they were read from.
+        self._details: dict[tuple[str, date], tuple[list[bytes], list[tuple[dict[str, Any], bytes]]]] = {}
+        self._select_lock = threading.Lock()
         self._counters: dict[tuple[str, str], list[int]] = {}  # (fault key, symbol): 429s, 5xx, hits
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
@@ -395,32 +370,8 @@ class SimulatorServer:
             self._served.append(now)
             return False
 
-    def _page(self, query: dict[str, str]) -> _Page:
-        if "cursor" in query:
-            page = _Page.from_cursor(query["cursor"])
-            if page.limit > self.max_limit:
-                raise ValueError("invalid cursor")
-            return page
-        try:
-            limit = int(query.get("limit", _DEFAULT_LIMIT))
-        except ValueError:
-            raise ValueError("limit must be an integer") from None
-        if not 1 <= limit <= self.max_limit:
-            raise ValueError(f"limit must be between 1 and {self.max_limit}")
-        if "date" in query:
-            try:
-                as_of = date.fromisoformat(query["date"])
-            except ValueError:
-                raise ValueError("date must be YYYY-MM-DD") from None
-        else:
-            as_of = self.today or calendar_today()
-        bounds = []
-        for name in _EXPIRATION_FILTERS:
-            try:
-                bounds.append(date.fromisoformat(query[name]) if name in query else None)
-            except ValueError:
-                raise ValueError(f"{name} must be YYYY-MM-DD") from None
-        return _Page(as_of, 0, limit, 1, *bounds)
+    def _page(self, query: dict[str, str]) -> ChainQuery:
+        return parse_query(query, self.today or calendar_today(), self.max_limit)
 
     def _fault_for(self, symbol: str, page: int) -> tuple[Fault, str | None]:
         """The fault that applies and what it does to this request: "429", "5xx", "hit" or None."""
@@ -441,30 +392,32 @@ class SimulatorServer:
                 return fault, "hit"
             return fault, None
 
-    def _chain(self, symbol: str, page: _Page) -> list[bytes]:
-        """The serialised chain, narrowed to the page's expiration filters (cached: every page of
-        a filtered chain pages through the same list)."""
-        contracts = self.market.chain_json(symbol, page.as_of)
-        if page.expiration_gte is None and page.expiration_lte is None:
+    def _chain(self, symbol: str, page: ChainQuery) -> list[bytes]:
+        """The serialised chain, narrowed and ordered as the query asks (cached: every page of a
+        filtered chain pages through the same list)."""
+        contracts = self.market.chain_json(symbol, page.as_of, self.plan)
+        if page.is_plain:
             return contracts
-        key = (symbol, page.as_of, page.expiration_gte, page.expiration_lte)
-        with self._lock:
-            cached = self._filtered.get(key)
-        if cached is None:
-            lo = (page.expiration_gte or date.min).isoformat().encode()
-            hi = (page.expiration_lte or date.max).isoformat().encode()
-            cached = []
-            for contract in contracts:
-                at = contract.index(_EXPIRATION_KEY) + len(_EXPIRATION_KEY)
-                if lo <= contract[at:at + 10] <= hi:  # ISO dates order as text
-                    cached.append(contract)
+        key = (symbol, page.selection())
+        # One lock for building: the parallel slices of one chain read its details once.
+        with self._select_lock:
             with self._lock:
-                self._filtered[key] = cached
-                while len(self._filtered) > 64:
-                    del self._filtered[next(iter(self._filtered))]
+                cached = self._filtered.get(key)
+            if cached is None:
+                index = self._details.get((symbol, page.as_of))
+                if index is None or index[0] is not contracts:
+                    index = self._details[(symbol, page.as_of)] = (
+                        contracts, [(_loads(raw)["details"], raw) for raw in contracts])
+                    while len(self._details) > 8:
+                        del self._details[next(iter(self._details))]
+                cached = page.select(index[1])
+                with self._lock:
+                    self._filtered[key] = cached
+                    while len(self._filtered) > 64:
+                        del self._filtered[next(iter(self._filtered))]
         return cached
 
-    def _send_page(self, handler: _Handler, symbol: str, page: _Page, fault: Fault | None) -> None:
+    def _send_page(self, handler: _Handler, symbol: str, page: ChainQuery, fault: Fault | None) -> None:
         try:
             contracts = self._chain(symbol, page)
         except ValueError as exc:  # a date outside the simulated range
@@ -478,21 +431,18 @@ class SimulatorServer:
         if fault.html_200:
             _send(handler, 200, _HTML, content_type="text/html; charset=utf-8")
             return
-        rid = _request_id(self.market.seed, symbol, page.as_of, page.offset, page.limit, page.number,
-                          page.expiration_gte, page.expiration_lte)
+        rid = _request_id(self.market.seed, self.plan, symbol, page.cursor())
         if fault.results_not_list:
             _send(handler, 200, _json({"status": "OK", "request_id": rid,
                                        "results": {"message": "results temporarily unavailable"}}))
             return
 
         end = page.offset + page.limit
-        following: _Page | None = None
+        following: ChainQuery | None = None
         if fault.next_url_loop:
             following = page
         elif end < len(contracts):
-            start = end - 1 if fault.repeat_contract_across_pages else end
-            following = _Page(page.as_of, start, page.limit, page.number + 1, page.expiration_gte,
-                              page.expiration_lte)
+            following = page.next_page(end - 1 if fault.repeat_contract_across_pages else end)
         parts = [b'{"status":"OK","request_id":"', rid.encode(), b'","results":[',
                  b",".join(contracts[page.offset:end]), b"]"]
         if following is not None:
@@ -503,19 +453,25 @@ class SimulatorServer:
         _send(handler, 200, b"".join(parts), truncate=fault.truncate_body)
 
 
-def serve(port: int, host: str = "127.0.0.1", seed: int = 42, api_key: str | None = None) -> int:
+def serve(port: int, host: str = "127.0.0.1", seed: int = 42, api_key: str | None = None,
+          plan: str = "full") -> int:
     """Run the simulator in the foreground until Ctrl-C (`kapman simulator serve`). Returns 0."""
     if not logging.getLogger().handlers:  # called outside the CLI: still say where we listen
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    server = SimulatorServer(Market(seed), api_key=api_key or "sim-key", host=host, port=port)
+    server = SimulatorServer(Market(seed), api_key=api_key or "sim-key", host=host, port=port,
+                             plan=plan)
     try:
         server.start()
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", host, port, exc)
         return 1
-    log.info("market simulator serving SIMULATED option chains (seed %d), not market data", seed)
-    log.info("base URL %s  API key %s  e.g. %s/v3/snapshot/options/AAPL?limit=250&apiKey=%s",
-             server.base_url, server.api_key, server.base_url, server.api_key)
+    log.info("market simulator serving SIMULATED option chains (seed %d, %s plan), not market data",
+             seed, server.plan)
+    # The simulator's own key, not a secret: clients need it to talk to this server.
+    log.info("base URL %s", server.base_url)
+    log.info("API key %s", server.api_key)
+    log.info("e.g. curl -H 'Authorization: Bearer %s' '%s/v3/snapshot/options/AAPL?limit=250'",
+             server.api_key, server.base_url)
     log.info("add date=YYYY-MM-DD for another day; Ctrl-C to stop")
     try:
         while True:
