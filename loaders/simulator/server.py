@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from ..trading_calendar import today as calendar_today
+from .history import History, HistoryError, not_entitled
 from .market import Market
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class SimulatorServer:
     def __init__(self, market: Market | None = None, *, api_key: str = "sim-key",
                  host: str = "127.0.0.1", port: int = 0, today: date | None = None,
                  not_entitled: Collection[str] = frozenset(), max_limit: int = 250,
-                 rate_limit: tuple[int, float] | None = None) -> None:
+                 rate_limit: tuple[int, float] | None = None, refuse: Collection[str] = ()) -> None:
         """Args:
         market: the market to serve (default Market(seed=42)).
         api_key: the only key accepted (query `apiKey` or `Authorization: Bearer`).
@@ -197,6 +198,8 @@ class SimulatorServer:
         rate_limit: (n, seconds): a plan's request limit. A request arriving when n requests were
             already served in the last `seconds` gets a 429 (counted in `rate_limited`), as the
             real API answers a key over its plan's rate (free tier: (5, 60)).
+        refuse: history endpoint families answered with 403 (history.FAMILIES), as for a plan
+            without them, e.g. ("open_interest",).
         """
         self.market = market or Market()
         self.api_key = api_key
@@ -216,6 +219,7 @@ class SimulatorServer:
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.history = History(self.market, lambda: self.today or calendar_today(), refuse)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -292,11 +296,12 @@ class SimulatorServer:
         with self._lock:
             self._requests.append(record)
         match = _PATH_RE.match(split.path)
-        if not match:
+        history = None if match else self.history.family(split.path)
+        if not match and history is None:
             _send(handler, 404, _json({"status": "NOT_FOUND", "request_id": _request_id(split.path),
                                        "message": "The requested resource was not found"}))
             return
-        symbol = unquote(match[1])
+        symbol = unquote(match[1]) if match else ""
         rid = _request_id(self.market.seed, split.path)
 
         auth = handler.headers.get("Authorization", "")
@@ -309,6 +314,9 @@ class SimulatorServer:
             window = self.rate_limit[1] if self.rate_limit else 1
             _send(handler, 429, _json({"status": "ERROR", "request_id": rid, "error": _TOO_MANY}),
                   headers={"Retry-After": str(max(1, round(window)))})
+            return
+        if history is not None:
+            self._handle_history(handler, split.path, query, rid)
             return
         if symbol in self.not_entitled:
             _send(handler, 403, _json({
@@ -338,6 +346,36 @@ class SimulatorServer:
                 handler.close_connection = True
                 return
         self._send_page(handler, symbol, page, active)
+
+    def _handle_history(self, handler: _Handler, path: str, query: dict[str, str], rid: str) -> None:
+        """The history endpoints (history.py), after auth and the rate limit: refusals, then the
+        underlying's plan and its 429/5xx/latency faults, as for its snapshot."""
+        try:
+            request = self.history.parse(path, query)
+            if request.symbol in self.not_entitled:
+                raise not_entitled()
+        except HistoryError as exc:
+            _send(handler, exc.status, _json(exc.body(rid)))
+            return
+        fault, action = self._fault_for(request.symbol, request.page) if request.symbol else (Fault(), None)
+        if action == "429":
+            headers = {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
+            _send(handler, 429, _json({"status": "ERROR", "request_id": rid, "error": _TOO_MANY}),
+                  headers=headers)
+            return
+        if action == "5xx":
+            _send(handler, fault.status_5xx_code,
+                  _json({"status": "ERROR", "request_id": rid, "error": "Internal server error"}))
+            return
+        if action == "hit" and self._stopping.wait(fault.latency_s + fault.hang_s):
+            handler.close_connection = True
+            return
+        try:
+            body = self.history.respond(request, f"http://{handler.headers.get('Host') or self.base_url[7:]}")
+        except HistoryError as exc:
+            _send(handler, exc.status, _json(exc.body(rid)))
+            return
+        _send(handler, 200, body, truncate=action == "hit" and fault.truncate_body)
 
     def _over_rate_limit(self) -> bool:
         """Whether this request exceeds rate_limit (sliding window); if not, it counts towards it."""
