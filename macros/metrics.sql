@@ -8,7 +8,8 @@
 {%- endmacro %}
 
 {#- One series' history per (ticker, date): its non-null values on the `history_days` earlier
-    rows of `relation`, for history_rank and history_percentile. -#}
+    rows of `relation`, for history_rank and history_percentile, and whether one of those came
+    from a reconstructed snapshot (`relation` has a boolean is_reconstructed). -#}
 {% macro iv_history(relation, column, history_days) -%}
 select
     ticker_id,
@@ -17,7 +18,8 @@ select
     count(*) over history as history_count,
     min({{ column }}) over history as history_min,
     max({{ column }}) over history as history_max,
-    array_agg({{ column }}) over history as history_values
+    array_agg({{ column }}) over history as history_values,
+    coalesce(bool_or(is_reconstructed) over history, false) as has_reconstructed_history
 from {{ relation }}
 where {{ column }} is not null
 window history as (

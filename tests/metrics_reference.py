@@ -8,8 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from loaders.trading_calendar import snapshot_time, trading_days
+
+NEW_YORK = ZoneInfo("America/New_York")
 
 METRICS = (
     "average_iv", "iv_rank", "iv_percentile", "iv_rank_30d", "iv_percentile_30d",
@@ -26,11 +29,20 @@ class Contract:
     delta: float | None
     open_interest: int | None
     volume: int | None
+    day_updated_at: datetime | None = None  # the day bar's time (Polygon's day.last_updated)
 
 
 def _activity(value: int | None) -> int:
     """Open interest or volume: null counts as 0 (the spec), and so does a negative one."""
     return max(value or 0, 0)
+
+
+def _volume(c: Contract, snapshot_at: datetime) -> int:
+    """A day bar from a session before the snapshot's (New York dates) counts no volume."""
+    if c.day_updated_at is not None and (
+            c.day_updated_at.astimezone(NEW_YORK).date() < snapshot_at.astimezone(NEW_YORK).date()):
+        return 0
+    return _activity(c.volume)
 
 
 def _iv_valid(c: Contract) -> bool:
@@ -73,11 +85,12 @@ def _constant_maturity(series: dict[int, float], n: int) -> tuple[float | None, 
     return None, False
 
 
-def chain_metrics(contracts: Sequence[Contract], as_of: date) -> dict[str, Any]:
-    """Everything but the history metrics, for one options snapshot on trading date as_of."""
+def chain_metrics(contracts: Sequence[Contract], as_of: date, snapshot_at: datetime) -> dict[str, Any]:
+    """Everything but the history metrics, for the options snapshot taken at snapshot_at and used
+    on trading date as_of."""
     live = [c for c in contracts if (c.expiration_date - as_of).days >= 0]
     oi = {t: sum(_activity(c.open_interest) for c in live if c.option_type == t) for t in "CP"}
-    vol = {t: sum(_activity(c.volume) for c in live if c.option_type == t) for t in "CP"}
+    vol = {t: sum(_volume(c, snapshot_at) for c in live if c.option_type == t) for t in "CP"}
     total_oi, total_vol = oi["C"] + oi["P"], vol["C"] + vol["P"]
     valid = [c for c in live if _iv_valid(c) and (c.expiration_date - as_of).days >= 1]
     weight = sum(_activity(c.open_interest) for c in valid)
@@ -146,9 +159,12 @@ class Reference:
 
     def __init__(self) -> None:
         self.snapshots: dict[str, dict[datetime, list[Contract]]] = {}
+        self.reconstructed: set[tuple[str, datetime]] = set()
 
-    def add(self, ticker: str, at: datetime, contracts: list[Contract]) -> None:
+    def add(self, ticker: str, at: datetime, contracts: list[Contract], source: str = "snapshot") -> None:
         self.snapshots.setdefault(ticker, {})[at] = contracts
+        if source == "reconstructed":
+            self.reconstructed.add((ticker, at))
 
     def _latest(self, ticker: str, day: date) -> datetime | None:
         limit = snapshot_time(day)
@@ -159,35 +175,43 @@ class Reference:
         """The JSON of every trading date start..end; history from every earlier trading date."""
         first = min((t.date() for t in self.snapshots.get(ticker, {})), default=start)
         out: dict[date, dict[str, Any]] = {}
-        history: list[float] = []
-        history_30d: list[float] = []
+        # (value, whether that date's snapshot was reconstructed)
+        history: list[tuple[float, bool]] = []
+        history_30d: list[tuple[float, bool]] = []
         for day in trading_days(min(first, start), end):
             doc = self._document(ticker, day, history[-252:], history_30d[-252:])
             metrics = doc["metrics"]
             if doc["status"] in ("SUCCESS", "PARTIAL"):
                 if doc["_average_iv"] is not None:
-                    history.append(doc["_average_iv"])
+                    history.append((doc["_average_iv"], doc["_reconstructed"]))
                 if doc["_atm_iv_30d"] is not None:
-                    history_30d.append(doc["_atm_iv_30d"])
-            del doc["_average_iv"], doc["_atm_iv_30d"]
+                    history_30d.append((doc["_atm_iv_30d"], doc["_reconstructed"]))
+            del doc["_average_iv"], doc["_atm_iv_30d"], doc["_reconstructed"]
             if day >= start:
                 out[day] = doc
             assert set(metrics) == set(METRICS)
         return out
 
-    def _document(self, ticker: str, day: date, history: list[float],
-                  history_30d: list[float]) -> dict[str, Any]:
+    def _document(self, ticker: str, day: date, history: list[tuple[float, bool]],
+                  history_30d: list[tuple[float, bool]]) -> dict[str, Any]:
         at = self._latest(ticker, day)
         if at is None:
             return {"status": "MISSING_OPTIONS", "as_of": day.isoformat(), "options_snapshot_time": None,
                     "metrics": dict.fromkeys(METRICS),
                     "counts": {"contracts": 0, "contracts_with_iv": 0, "calls": 0, "puts": 0, "expiries": 0},
-                    "diagnostics": ["missing_options_data"], "_average_iv": None, "_atm_iv_30d": None}
-        raw = chain_metrics(self.snapshots[ticker][at], day)
+                    "diagnostics": ["missing_options_data"], "_average_iv": None, "_atm_iv_30d": None,
+                    "_reconstructed": False}
+        raw = chain_metrics(self.snapshots[ticker][at], day, at)
         diagnostics = list(raw.pop("diagnostics"))
         counts = raw.pop("counts")
-        iv_rank, iv_percentile = _rank(raw["average_iv"], history)
-        iv_rank_30d, iv_percentile_30d = _rank(raw["atm_iv_30d"], history_30d)
+        iv_rank, iv_percentile = _rank(raw["average_iv"], [v for v, _ in history])
+        iv_rank_30d, iv_percentile_30d = _rank(raw["atm_iv_30d"], [v for v, _ in history_30d])
+        reconstructed = (ticker, at) in self.reconstructed
+        if reconstructed:
+            diagnostics.append("reconstructed_chain")
+        if (raw["average_iv"] is not None and any(r for _, r in history)) or (
+                raw["atm_iv_30d"] is not None and any(r for _, r in history_30d)):
+            diagnostics.append("history_includes_reconstructed")
         status = "SUCCESS" if raw["average_iv"] is not None else "PARTIAL"
         if status == "PARTIAL":
             diagnostics.append("missing_average_iv")
@@ -204,4 +228,5 @@ class Reference:
             "metrics": {k: None if metrics[k] is None else round(metrics[k], 6) for k in METRICS},
             "counts": counts, "diagnostics": sorted(diagnostics),
             "_average_iv": raw["average_iv"], "_atm_iv_30d": raw["atm_iv_30d"],
+            "_reconstructed": reconstructed,
         }

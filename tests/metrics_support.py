@@ -41,28 +41,38 @@ def add_watchlist(database: dbmod.Database, symbols: Iterable[str], watchlist: s
 
 
 def insert_chain(database: dbmod.Database, symbol: str, at: datetime | date,
-                 contracts: list[Contract]) -> None:
-    """One options snapshot of symbol at `at` (a date means its snapshot identity)."""
+                 contracts: list[Contract], source: str | None = None) -> None:
+    """One options snapshot of symbol at `at` (a date means its snapshot identity). Without a
+    source, the INSERT leaves that column out (a plain INSERT of the documented columns)."""
     moment = snapshot_time(at) if not isinstance(at, datetime) else at
     add_watchlist(database, [symbol])
     rows = [
         (moment, symbol, f"O:{symbol}{c.expiration_date:%y%m%d}{c.option_type}{i:08d}",
          c.expiration_date, 100 + i, c.option_type, c.implied_volatility, c.delta,
-         c.open_interest, c.volume)
+         c.open_interest, c.volume, c.day_updated_at, source)
         for i, c in enumerate(contracts)
     ]
     with database.connect() as conn, conn.cursor() as cur:
-        execute_values(
-            cur,
-            "insert into options_chains (time, ticker_id, contract_ticker, expiration_date,"
-            " strike_price, option_type, implied_volatility, delta, open_interest, volume)"
-            " select v.t, tickers.id, v.ct, v.e, v.k, v.ty, v.iv, v.d, v.oi, v.vol"
-            " from (values %s) as v (t, s, ct, e, k, ty, iv, d, oi, vol)"
-            " join tickers on tickers.symbol = v.s",
-            rows,
-            template="(%s::timestamptz, %s, %s, %s::date, %s::numeric, %s, %s::float8, %s::float8,"
-            " %s::bigint, %s::bigint)",
-        )
+        execute_values(cur, _INSERT_WITH_SOURCE if source is not None else _INSERT, rows,
+                       template=_INSERT_ROW)
+
+
+_INSERT_ROW = ("(%s::timestamptz, %s, %s, %s::date, %s::numeric, %s, %s::float8, %s::float8,"
+               " %s::bigint, %s::bigint, %s::timestamptz, %s::text)")
+_INSERT = (
+    "insert into options_chains (time, ticker_id, contract_ticker, expiration_date, strike_price,"
+    " option_type, implied_volatility, delta, open_interest, volume, day_updated_at)"
+    " select v.t, tickers.id, v.ct, v.e, v.k, v.ty, v.iv, v.d, v.oi, v.vol, v.du"
+    " from (values %s) as v (t, s, ct, e, k, ty, iv, d, oi, vol, du, src)"
+    " join tickers on tickers.symbol = v.s"
+)
+_INSERT_WITH_SOURCE = (
+    "insert into options_chains (time, ticker_id, contract_ticker, expiration_date, strike_price,"
+    " option_type, implied_volatility, delta, open_interest, volume, day_updated_at, source)"
+    " select v.t, tickers.id, v.ct, v.e, v.k, v.ty, v.iv, v.d, v.oi, v.vol, v.du, v.src"
+    " from (values %s) as v (t, s, ct, e, k, ty, iv, d, oi, vol, du, src)"
+    " join tickers on tickers.symbol = v.s"
+)
 
 
 def run_metrics(database: dbmod.Database, *args: str) -> int:

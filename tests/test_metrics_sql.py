@@ -13,10 +13,11 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
+from psycopg2 import sql
 
 from loaders import db as dbmod
 from loaders import metrics
-from loaders.trading_calendar import trading_days
+from loaders.trading_calendar import snapshot_time, trading_days
 from tests.conftest import fresh_database, query
 from tests.metrics_reference import Contract, Reference
 from tests.metrics_support import (  # noqa: F401  (fixtures)
@@ -71,6 +72,31 @@ def _one_call(iv: float, dte: int = 30, day: date = D, oi: int | None = 1) -> li
 
 HIST_IVS = [0.10 + 0.01 * i for i in range(21)] + [0.25]  # 22 dates: 0.10 .. 0.30, then 0.25
 
+_SESSION_BAR = datetime(2025, 12, 19, 21, 0, tzinfo=UTC)  # 16:00 in New York on D
+STALE_BARS = [
+    Contract("C", _days(30), 0.2, 0.5, 100, 10, _SESSION_BAR),
+    # yesterday's bar, repeated by the snapshot for a contract that did not trade today
+    Contract("C", _days(30), 0.2, 0.4, 100, 30, _SESSION_BAR - timedelta(days=1)),
+    Contract("P", _days(30), 0.2, -0.5, 100, 20, _SESSION_BAR + timedelta(hours=3, minutes=30)),  # D in New York
+    Contract("P", _days(30), 0.2, -0.4, 100, 40, datetime(2025, 12, 19, 3, 0, tzinfo=UTC)),  # D-1 in New York
+    Contract("P", _days(30), 0.2, -0.3, 100, 5, None),  # bar time unknown: the volume counts
+]
+
+
+def _reconstructed_chain(iv: float, day: date) -> list[Contract]:
+    """A reconstructed day on a plan without the open-interest endpoint: OI null everywhere."""
+    bar = datetime.combine(day, datetime.min.time(), tzinfo=UTC) + timedelta(hours=21)
+    return [Contract("C", day + timedelta(days=30), iv, 0.5, None, 6, bar),
+            Contract("P", day + timedelta(days=30), iv + 0.02, -0.5, None, 3, bar)]
+
+
+def _bar_times(day: date) -> list[datetime | None]:
+    """Day-bar times around trading date `day`: unknown, in its New York session (one after the
+    UTC midnight), from the session before, and 03:00 UTC on `day` (the evening before in New York)."""
+    midnight = datetime.combine(day, datetime.min.time(), tzinfo=UTC)
+    return [None, midnight + timedelta(hours=21), midnight + timedelta(hours=24, minutes=30),
+            midnight - timedelta(hours=3), midnight + timedelta(hours=3)]
+
 
 def _random_chain(rng: random.Random, day: date) -> list[Contract]:
     contracts = []
@@ -85,6 +111,7 @@ def _random_chain(rng: random.Random, day: date) -> list[Contract]:
                     option_type, day + timedelta(days=dte), iv,
                     None if delta is None else sign * delta,
                     rng.choice([None, 0, -3, rng.randint(0, 5000)]), rng.choice([None, 0, -1, rng.randint(0, 900)]),
+                    rng.choice(_bar_times(day)),
                 ))
     return contracts
 
@@ -114,8 +141,17 @@ def published(module_database, reference: Reference) -> dict[tuple[str, date], d
     insert_chain(db, "TWICE", datetime(2025, 12, 19, 15, 0, tzinfo=UTC), _one_call(0.50))
     insert_chain(db, "TWICE", datetime(2025, 12, 19, 20, 0, tzinfo=UTC), _one_call(0.40))
     insert_chain(db, "TWICE", datetime(2025, 12, 20, 0, 0, tzinfo=UTC), _one_call(0.60))
-    for day, iv in zip(DATES, HIST_IVS, strict=True):
+    insert_chain(db, "STALEBAR", D, STALE_BARS)
+    for i, (day, iv) in enumerate(zip(DATES, HIST_IVS, strict=True)):
         insert_chain(db, "HIST", day, _one_call(iv, day=day))
+        # RECON: the first two dates reconstructed; NOIV: the first one, without any IV.
+        chain, source = (_reconstructed_chain(iv, day), "reconstructed") if i < 2 else (_one_call(iv, day=day), "snapshot")
+        insert_chain(db, "RECON", day, chain, source)
+        reference.add("RECON", snapshot_time(day), chain, source)
+        if i == 0:
+            insert_chain(db, "NOIV", day, [Contract("C", day + timedelta(days=30), None, None, None, 3)], "reconstructed")
+        else:
+            insert_chain(db, "NOIV", day, _one_call(iv, day=day))
     rng = random.Random(20251219)
     for ticker in RANDOM_TICKERS:
         for day in DATES:
@@ -129,8 +165,11 @@ def published(module_database, reference: Reference) -> dict[tuple[str, date], d
                 reference.add(ticker, early, chain)
             chain = _random_chain(rng, day)
             at = datetime.combine(day, datetime.max.time(), tzinfo=UTC)
-            insert_chain(db, ticker, at, chain)
-            reference.add(ticker, at, chain)
+            # Reconstructed days for two tickers only, so the other two never rank against one.
+            sources = [None, "snapshot"] + (["reconstructed"] if ticker in RANDOM_TICKERS[:2] else [])
+            source = rng.choice(sources)
+            insert_chain(db, ticker, at, chain, source)
+            reference.add(ticker, at, chain, source or "snapshot")
     assert run_metrics(db, "--start-date", DATES[0].isoformat(), "--end-date", D.isoformat()) == 0
     return documents(db)
 
@@ -191,6 +230,40 @@ def test_statuses_and_their_diagnostics(published) -> None:
     assert zero["metrics"]["put_call_ratio_volume"] == 1.5
 
 
+def test_volume_ratios_ignore_stale_day_bars(published) -> None:
+    doc = published[("STALEBAR", D)]
+    # put volume 20 + 5 (the D-1 New York bar's 40 is stale), call volume 10 (30 is stale);
+    # counted, the stale bars would give 65 / 40 and 105 / 500.
+    assert doc["metrics"]["put_call_ratio_volume"] == 2.5
+    assert doc["metrics"]["oi_ratio"] == round(35 / 500, 6)
+    assert doc["metrics"]["put_call_ratio_oi"] == 1.5
+    assert doc["counts"]["contracts"] == 5
+
+
+def test_reconstructed_chains_and_the_history_that_holds_them(published, reference: Reference) -> None:
+    first, second, third = (published[("RECON", day)] for day in DATES[:3])
+    # Reconstructed without open interest: the plain mean of the IVs, OI ratios null.
+    assert first["status"] == "SUCCESS" and first["counts"]["contracts"] == 2
+    assert first["metrics"]["average_iv"] == 0.11 and first["metrics"]["put_call_ratio_volume"] == 0.5
+    assert first["metrics"]["put_call_ratio_oi"] is None and first["metrics"]["oi_ratio"] is None
+    assert "reconstructed_chain" in first["diagnostics"]
+    assert "history_includes_reconstructed" not in first["diagnostics"]  # no history yet
+    assert {"reconstructed_chain", "history_includes_reconstructed"} <= set(second["diagnostics"])
+    assert "reconstructed_chain" not in third["diagnostics"]
+    last = published[("RECON", D)]
+    assert last["metrics"]["iv_rank"] is not None
+    assert last["diagnostics"] == ["extrapolated_atm_iv_90d", "history_includes_reconstructed"]
+    for day, expected in reference.documents("RECON", DATES[0], D).items():
+        assert_documents_match(published[("RECON", day)], expected, f"RECON {day}")
+    # A reconstructed date without an average_iv or atm_iv_30d is in no history.
+    no_iv = published[("NOIV", DATES[0])]
+    assert no_iv["status"] == "PARTIAL"
+    assert no_iv["diagnostics"] == ["missing_average_iv", "reconstructed_chain"]
+    assert published[("NOIV", D)]["metrics"]["iv_rank"] is not None
+    assert all("history_includes_reconstructed" not in published[("NOIV", day)]["diagnostics"]
+               for day in DATES)
+
+
 def test_latest_snapshot_at_or_before_the_date(published) -> None:
     doc = published[("TWICE", D)]
     assert doc["options_snapshot_time"] == "2025-12-19T20:00:00+00:00"
@@ -231,7 +304,7 @@ def test_random_chains_match_the_reference(published, reference: Reference) -> N
 
 def test_dbt_unit_tests_pass(published, module_database) -> None:
     result = metrics.run_dbt(module_database, ["test", "--select", "test_type:unit"])
-    assert len(result.result.results) >= 7
+    assert len(result.result.results) >= 9
     assert {str(r.status) for r in result.result.results} == {"pass"}
 
 
@@ -250,3 +323,43 @@ def test_history_is_computed_when_only_the_last_date_is_requested(database) -> N
     expected = reference.documents("BACK", D, D)[D]
     assert expected["metrics"]["iv_rank"] is not None
     assert_documents_match(published[("BACK", D)], expected, "BACK")
+
+
+def test_source_column_defaults_to_snapshot_and_is_checked(database) -> None:
+    """0004: a plain INSERT (no source) reads 'snapshot'; other values are refused, in today's
+    partitions and in a month created afterwards; dlt's staging copy has the same default."""
+    insert_chain(database, "PLAIN", D, _one_call(0.3))
+    assert query(database, "select distinct source from options_chains") == [("snapshot",)]
+    later = date(2031, 5, 20)
+    with database.connect() as conn:
+        dbmod.ensure_partitions(conn, [later])
+    insert_chain(database, "PLAIN", later, _one_call(0.3, day=later), "reconstructed")
+    assert query(database, "select tableoid::regclass::text, source from options_chains where time >= '2031-01-01'") == [
+        ("options_chains_2031_05", "reconstructed")]
+    for day in (D, later):
+        with pytest.raises(Exception, match="options_chains_source_check"):
+            insert_chain(database, "PLAIN", day - timedelta(days=1), _one_call(0.3), "guessed")
+    assert query(database, "select count(*) from options_chains")[0][0] == 2
+    assert query(database, "select column_default, is_nullable from information_schema.columns"
+                           " where table_schema = 'public_staging' and table_name = 'options_chains'"
+                           " and column_name = 'source'") == [("'snapshot'::text", "NO")]
+    indexed = query(database, "select tablename from pg_indexes where indexdef like '%%reconstructed%%'"
+                              " and tablename = 'options_chains_2031_05'")
+    assert indexed == [("options_chains_2031_05",)]
+
+
+def test_a_mart_built_before_the_reconstructed_flag_gets_it(database) -> None:
+    """The mart's pre-hook adds is_reconstructed to a mart from before the column: the history
+    read from the mart needs it, and on_schema_change would add it only after that read."""
+    insert_chain(database, "OLD", DATES[-2], _one_call(0.3, day=DATES[-2]))
+    insert_chain(database, "OLD", D, _one_call(0.3), "reconstructed")
+    assert run_metrics(database, "--date", DATES[-2].isoformat()) == 0
+    (schema,) = query(database, "select table_schema from information_schema.columns"
+                                " where table_name = 'volatility_metrics' and column_name = 'is_reconstructed'")[0]
+    mart = sql.Identifier(schema, "volatility_metrics")
+    with database.connect() as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("alter table {} drop column is_reconstructed").format(mart))
+    assert run_metrics(database, "--date", D.isoformat()) == 0
+    flags = sql.SQL("select as_of_date, is_reconstructed from {} order by 1").format(mart)
+    assert query(database, flags) == [(DATES[-2], None), (D, True)]
+    assert "reconstructed_chain" in documents(database, D)[("OLD", D)]["diagnostics"]

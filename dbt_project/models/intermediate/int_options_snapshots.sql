@@ -1,7 +1,7 @@
 {#-
     One row per (active watchlist ticker, trading date) this run computes, with its options
     snapshot: the latest options_chains time at or before S = D 23:59:59.999999 UTC, found by a
-    bounded lookup on the (ticker_id, time) index. Rows:
+    bounded lookup on the (ticker_id, time) index, and whether it was reconstructed. Rows:
     - requested: the trading dates between vars start_date and end_date (default: the latest
       trading date that has options data); with var fill_missing, published only where
       daily_snapshots has no volatility_metrics_json yet;
@@ -157,7 +157,18 @@ to_compute as (
         snapshot_at,
         options_snapshot_at,
         is_published,
-        (options_snapshot_at at time zone 'utc')::date < as_of_date as is_stale
+        (options_snapshot_at at time zone 'utc')::date < as_of_date as is_stale,
+        -- Any reconstructed row makes the snapshot reconstructed (the diagnostics say so). A
+        -- lookup on the partial index of reconstructed rows, evaluated for computed rows only:
+        -- a live snapshot has no entry there, so this reads none of its contracts.
+        exists(
+            select 1
+            from options_chains
+            where
+                options_chains.ticker_id = chosen_snapshots.ticker_id
+                and options_chains.snapshot_at = chosen_snapshots.options_snapshot_at
+                and options_chains.source = 'reconstructed'
+        ) as is_reconstructed
     from chosen_snapshots
     where
         is_published

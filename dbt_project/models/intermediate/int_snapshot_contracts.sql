@@ -1,6 +1,7 @@
 -- The contracts of each chosen options snapshot that have not expired (DTE >= 0), with the
 -- inputs every metric shares: DTE from the trading date, IV validity, null activity as 0
--- (negative activity too: no count at all, like a missing one, never one that cancels others).
+-- (negative activity too: no count at all, like a missing one, never one that cancels others),
+-- and a stale day bar's volume as 0.
 -- A lateral lookup per snapshot, fenced with `offset 0`, keeps the read on the (ticker_id, time)
 -- index whatever the planner thinks of options_chains (its statistics lag right after an
 -- ingestion, and its estimates favour one hash join over all history); a table, so that the
@@ -31,7 +32,16 @@ contracts as (
         snapshot_contracts.implied_volatility,
         snapshot_contracts.delta,
         greatest(snapshot_contracts.open_interest, 0) as open_interest,  -- null -> 0
-        greatest(snapshot_contracts.volume, 0) as volume,
+        -- A contract that did not trade in the snapshot's session still shows the last session's
+        -- day bar: its volume counts only when the bar is from the session (New York date of
+        -- day_updated_at not before that of the row's time); an unknown bar time keeps it.
+        case
+            when
+                (snapshot_contracts.day_updated_at at time zone 'America/New_York')::date
+                < (options_snapshots.options_snapshot_at at time zone 'America/New_York')::date
+                then 0
+            else greatest(snapshot_contracts.volume, 0)
+        end as volume,
         coalesce(
             snapshot_contracts.implied_volatility > 0
             and snapshot_contracts.implied_volatility <= 5,
@@ -46,7 +56,8 @@ contracts as (
             options_chains.implied_volatility,
             options_chains.delta,
             options_chains.open_interest,
-            options_chains.volume
+            options_chains.volume,
+            options_chains.day_updated_at
         from options_chains
         where
             options_chains.ticker_id = options_snapshots.ticker_id

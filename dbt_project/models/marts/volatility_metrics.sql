@@ -4,13 +4,20 @@
         incremental_strategy='delete+insert',
         on_schema_change='append_new_columns',
         indexes=[{'columns': ['ticker_id', 'as_of_date'], 'unique': true}],
+        pre_hook=[
+            "alter table if exists {{ this }}"
+            " add column if not exists is_reconstructed boolean",
+        ],
     )
 }}
 {#-
     One row per ticker per trading date: every metric (full precision), status, counts,
     diagnostics and the published JSON. IV rank and percentile rank against the mart's own
     earlier rows (the iv_history_days most recent non-null values before the date), including
-    the earlier dates of this same run.
+    the earlier dates of this same run. Each row records whether its options snapshot was
+    reconstructed, so that later dates can tell when their history holds such a date.
+    The pre-hook adds that column to a mart built before it existed: the history below reads
+    it from the mart before on_schema_change could append it (older rows: null, i.e. false).
 -#}
 {%- set history_days = var('iv_history_days', 252) -%}
 {%- set min_history = var('iv_min_history', 20) -%}
@@ -44,6 +51,7 @@ current_metrics as (
         options_snapshots.snapshot_at,
         options_snapshots.options_snapshot_at,
         options_snapshots.is_stale,
+        coalesce(options_snapshots.is_reconstructed, false) as is_reconstructed,
         not options_snapshots.is_published as is_history_only,
         chain_metrics.average_iv,
         chain_metrics.put_call_ratio_oi,
@@ -138,7 +146,8 @@ prior_metrics as (
         mart.ticker_id,
         mart.as_of_date,
         mart.average_iv,
-        mart.atm_iv_30d
+        mart.atm_iv_30d,
+        coalesce(mart.is_reconstructed, false) as is_reconstructed
     from {{ this }} as mart
     inner join history_floors
         on
@@ -163,7 +172,8 @@ metric_series as (
         ticker_id,
         as_of_date,
         average_iv,
-        atm_iv_30d
+        atm_iv_30d,
+        is_reconstructed
     from current_metrics
     {% if is_incremental() %}
     union all
@@ -171,7 +181,8 @@ metric_series as (
         ticker_id,
         as_of_date,
         average_iv,
-        atm_iv_30d
+        atm_iv_30d,
+        is_reconstructed
     from prior_metrics
     {% endif %}
 
@@ -198,7 +209,11 @@ history_metrics as (
         {{ history_rank('atm_iv_30d_history', min_history) }} as iv_rank_30d,
         {{ history_percentile('atm_iv_30d_history', min_history) }} as iv_percentile_30d,
         coalesce(average_iv_history.history_count, 0) as iv_history_count,
-        coalesce(atm_iv_30d_history.history_count, 0) as atm_iv_30d_history_count
+        coalesce(atm_iv_30d_history.history_count, 0) as atm_iv_30d_history_count,
+        -- the histories actually ranked against (the most recent non-null values)
+        coalesce(average_iv_history.has_reconstructed_history, false)
+        or coalesce(atm_iv_30d_history.has_reconstructed_history, false)
+            as has_reconstructed_history
     from current_metrics
     left join average_iv_history
         on
@@ -264,6 +279,14 @@ diagnostic_flags as (
                 statuses.status in ('SUCCESS', 'PARTIAL') and statuses.is_stale
             ),
             (
+                'reconstructed_chain',
+                statuses.status in ('SUCCESS', 'PARTIAL') and statuses.is_reconstructed
+            ),
+            (
+                'history_includes_reconstructed',
+                statuses.status != 'ERROR' and statuses.has_reconstructed_history
+            ),
+            (
                 'insufficient_iv_history',
                 statuses.status = 'SUCCESS' and statuses.iv_history_count < {{ min_history }}
             ),
@@ -325,6 +348,7 @@ final as (
         statuses.iv_history_count,
         statuses.atm_iv_30d_history_count,
         coalesce(diagnostics.diagnostics, '[]') as diagnostics,
+        statuses.is_reconstructed,
         statuses.is_history_only
     from statuses
     left join diagnostics

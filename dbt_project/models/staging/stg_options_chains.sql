@@ -20,7 +20,11 @@ select
     volume,
     underlying_price,
 
+    ---------- provenance: 'snapshot' (live) or 'reconstructed' (rebuilt from history)
+    source,
+
     ---------- timestamps
+    day_updated_at,
     time as snapshot_at
 
 from {{ source('kapman', 'options_chains') }}
