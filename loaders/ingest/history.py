@@ -73,7 +73,8 @@ class Progress:
                 return
             self._logged_at, self._logged_done = now, self.done
             left = max(self.planned - self.done, 0)
-        log.info("history progress: %d requests done, %d left (%s)", self.done, left, duration(left, self.per_minute))
+        log.info("history progress: %d requests done, %d left%s", self.done, left,
+                 f" ({duration(left, self.per_minute)})" if self.per_minute else "")
 
 
 @dataclass
