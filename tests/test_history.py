@@ -70,7 +70,7 @@ def stored(database, symbol: str, day: date) -> dict[str, int]:
                                 " where k.symbol = %s and c.time = %s group by 1", (symbol, snapshot_time(day))))
 
 
-def test_a_range_is_reconstructed_once_per_day_and_a_rerun_fetches_nothing(database, db_url, history) -> None:
+def test_a_range_is_reconstructed_once_per_day_and_a_rerun_fetches_nothing(database, db_url, history, caplog) -> None:
     watch(database, *(("a", s) for s in SYMBOLS))
     code, summary = run(db_url, *RANGE)
     assert code == 0 and [d["outcome"] for d in summary["days"]] == ["succeeded"] * len(DAYS)
@@ -97,6 +97,7 @@ def test_a_range_is_reconstructed_once_per_day_and_a_rerun_fetches_nothing(datab
     assert all(r.headers.get("Authorization") == f"Bearer {KEY}" and "apiKey" not in r.query for r in history_requests)
     assert count(database, "select count(*) from options_chains where open_interest is not null") > 0
     assert count(database, "select count(*) from ingestion_ledger where status = 'completed'") == 2 * len(DAYS)
+    assert "history progress: 500 requests done, " in caplog.text  # a backfill shows its progress
 
     rows = count(database, "select count(*) from options_chains")
     history.clear_requests()

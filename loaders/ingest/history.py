@@ -145,10 +145,7 @@ class Backfill:
         finally:
             self._release(symbol, history, day)
         result.elapsed = time.monotonic() - started
-        if result.ok:
-            result.count()
-        else:
-            result.tables = []
+        result.count()  # tables are set only once the day is rebuilt
         return result
 
     def _reconstruct(self, result: ChainResult, history: _Symbol, day: date, curve: Mapping[str, Any]) -> None:
