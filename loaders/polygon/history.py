@@ -13,7 +13,6 @@ from urllib.parse import quote
 
 import pyarrow as pa
 import requests
-from dlt.sources.helpers.rest_client.auth import BearerTokenAuth
 
 from ..trading_calendar import NEW_YORK
 from .configuration import PolygonConfiguration
@@ -61,10 +60,9 @@ class HistoryClient(ChainClient):
 
     def __init__(self, config: PolygonConfiguration, pool_size: int = 4, limiter: RateLimiter | None = None,
                  parser: Executor | None = None, on_request: Callable[[], None] | None = None) -> None:
+        # ChainClient's auth: the key in the Authorization header only, and only to the configured
+        # origin (json_pages pins every next_url to it).
         super().__init__(config, None, pool_size, limiter, parser)
-        # As the official clients send it: a header, never in a URL (URLs end up in access logs);
-        # every URL stays on the configured origin (json_pages pins next_url to it).
-        self._auth = BearerTokenAuth(token=config.polygon_api_key)
         self._on_request = on_request
         self.requests = 0
         self._count_lock = threading.Lock()
