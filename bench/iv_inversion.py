@@ -16,7 +16,8 @@ import numpy as np
 import py_lets_be_rational as lbr
 
 from loaders.reconstruction import reconstruct_day
-from loaders.simulator.market import RATE, Market
+from loaders.simulator import Market
+from loaders.simulator.model import RATE
 from loaders.trading_calendar import NEW_YORK
 
 log = logging.getLogger("bench.iv_inversion")

@@ -1,5 +1,5 @@
 """`kapman metrics`: dbt computes the volatility metrics for the chosen trading dates; this module
-picks the dates, runs dbt in-process and publishes the mart's JSON to daily_snapshots."""
+picks the dates, runs dbt in-process and has publish.py write the mart's JSON to daily_snapshots."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from psycopg2 import sql
 
 from . import db as dbmod
 from .logs import SUMMARY, Heartbeat
+from .publish import Published, publish
 from .trading_calendar import latest_trading_date, trading_days
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def seed_is_current(conn: psycopg2.extensions.connection, relation: str) -> bool
 # --- versions, dates and the seed ---------------------------------------------------------------
 
 # The files that define the numbers: the model version moves only when one of them changes.
-MODEL_PATHS = ("dbt_project", "macros", "dbt_project.yml", "loaders/metrics.py")
+MODEL_PATHS = ("dbt_project", "macros", "dbt_project.yml", "loaders/metrics.py", "loaders/publish.py")
 
 
 def model_version() -> str:
@@ -202,119 +203,6 @@ def trading_days_seed_text() -> str:
 
 
 # --- publish ----------------------------------------------------------------------------------
-
-_PUBLISH = """
-insert into daily_snapshots
-    (time, ticker_id, volatility_metrics_json, metrics_model_version, metrics_updated_at)
-select mart.snapshot_at, mart.ticker_id,
-       mart.volatility_metrics_json || jsonb_build_object('model_version', %(version)s::text),
-       %(version)s, now()
-from {grid} as grid
-join {mart} as mart using (ticker_id, as_of_date)
-where grid.is_published {only_one}
-on conflict (time, ticker_id) do update set
-    volatility_metrics_json = excluded.volatility_metrics_json,
-    metrics_model_version = excluded.metrics_model_version,
-    metrics_updated_at = excluded.metrics_updated_at
-where daily_snapshots.volatility_metrics_json::text
-      is distinct from excluded.volatility_metrics_json::text
-  {keep_existing}
-"""
-_KEEP_EXISTING = ("and jsonb_typeof(coalesce(daily_snapshots.volatility_metrics_json, 'null'))"
-                  " = 'null'")
-
-_ERROR_UPSERT = """
-insert into daily_snapshots
-    (time, ticker_id, volatility_metrics_json, metrics_model_version, metrics_updated_at)
-values (%(time)s, %(ticker_id)s, %(doc)s::jsonb, %(version)s, now())
-on conflict (time, ticker_id) do update set
-    volatility_metrics_json = excluded.volatility_metrics_json,
-    metrics_model_version = excluded.metrics_model_version,
-    metrics_updated_at = excluded.metrics_updated_at
-"""
-
-
-@dataclass
-class Published:
-    """One (ticker, date) the run published."""
-
-    ticker_id: str
-    symbol: str
-    as_of: date
-    snapshot_at: Any
-    status: str
-    diagnostics: list[str]
-    document: dict[str, Any]
-    error: str | None = None
-
-
-def error_document(document: dict[str, Any], reason: str) -> dict[str, Any]:
-    """The spec's ERROR shape from a computed document: every metric null, one diagnostic."""
-    short = " ".join(reason.split())[:120]
-    return document | {
-        "status": "ERROR",
-        "metrics": dict.fromkeys(document.get("metrics", {})),
-        "diagnostics": [f"error:{short}"],
-    }
-
-
-def _published_rows(cur: Any, grid: sql.Composable, mart: sql.Composable) -> list[Published]:
-    cur.execute(sql.SQL(
-        "select mart.ticker_id::text, mart.symbol, mart.as_of_date, mart.snapshot_at, mart.status,"
-        " mart.diagnostics, mart.volatility_metrics_json::text"
-        " from {grid} as grid join {mart} as mart using (ticker_id, as_of_date)"
-        " where grid.is_published order by mart.as_of_date, mart.symbol"
-    ).format(grid=grid, mart=mart))
-    return [Published(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in cur.fetchall()]
-
-
-def publish(database: dbmod.Database, version: str, fill_missing: bool) -> list[Published]:
-    """Upsert the JSON of every published (ticker, date) into daily_snapshots. Only
-    volatility_metrics_json and its bookkeeping columns are written, and only when the JSON
-    changed (re-runs write nothing); with fill_missing, existing JSON is never replaced. All rows
-    go in one statement; if that fails, row by row, so that one ticker's failure becomes its
-    ERROR document and the rest of the batch lands."""
-    grid, mart = sql.SQL(_dbt.relation(database, GRID)), sql.SQL(_dbt.relation(database, MART))
-    keep = sql.SQL(_KEEP_EXISTING if fill_missing else "")
-    statement = sql.SQL(_PUBLISH)
-    with database.connect() as conn, conn.cursor() as cur:
-        rows = _published_rows(cur, grid, mart)
-    try:
-        with database.connect() as conn, conn.cursor() as cur:
-            cur.execute(statement.format(grid=grid, mart=mart, only_one=sql.SQL(""), keep_existing=keep),
-                        {"version": version})
-        return rows
-    except psycopg2.Error as exc:
-        log.warning("publishing all rows at once failed (%s); publishing ticker by ticker",
-                    _first_line(exc))
-    one = statement.format(grid=grid, mart=mart, keep_existing=keep,
-                           only_one=sql.SQL("and mart.ticker_id = %(ticker_id)s and mart.as_of_date = %(as_of)s"))
-    with database.connect(autocommit=True) as conn, conn.cursor() as cur:
-        for row in rows:
-            try:
-                cur.execute(one, {"version": version, "ticker_id": row.ticker_id, "as_of": row.as_of})
-            except psycopg2.Error as exc:
-                row.error = _first_line(exc)
-                row.status = "ERROR"
-                row.document = error_document(row.document, row.error)
-                row.diagnostics = row.document["diagnostics"]
-                log.error("%s %s: publishing failed: %s", row.symbol, row.as_of, row.error)
-                try:
-                    cur.execute(_ERROR_UPSERT, {
-                        "time": row.snapshot_at, "ticker_id": row.ticker_id, "version": version,
-                        "doc": json.dumps(row.document | {"model_version": version}, sort_keys=True),
-                    })
-                except psycopg2.Error as again:
-                    log.error("%s %s: cannot record the ERROR status either: %s",
-                              row.symbol, row.as_of, _first_line(again))
-    return rows
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 # --- the command --------------------------------------------------------------------------------
 
 def _active_watchlist_tickers(conn: psycopg2.extensions.connection) -> int:
@@ -378,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
             try:
                 seed_current = seed_is_current(lock_conn, _dbt.relation(database, "trading_days"))
                 build(database, dates[0], dates[-1], args.fill_missing, with_seed=not seed_current)
-                rows = publish(database, version, args.fill_missing)
+                rows = publish(database, _dbt.relation(database, GRID), _dbt.relation(database, MART),
+                               version, args.fill_missing)
             except DbtError as exc:
                 log.error("%s", exc)
                 summary["error"] = str(exc)

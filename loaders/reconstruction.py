@@ -193,7 +193,7 @@ def _ncdf(x: np.ndarray) -> np.ndarray:
 
 def greeks(spot: float, forward: np.ndarray, strike: np.ndarray, t: np.ndarray, r: np.ndarray,
            vol: np.ndarray, sign: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Delta, gamma, theta, vega in the snapshot's units (loaders/simulator/market.py).
+    """Delta, gamma, theta, vega in the snapshot's units (loaders/simulator/model.py).
 
     The forward carries the underlying at the implied yield q = r - ln(F/S)/T, so these are the
     Black-Scholes-Merton greeks: spot delta e^{-qT}N(d1) (minus e^{-qT} for a put), gamma per unit

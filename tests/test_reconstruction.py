@@ -16,7 +16,8 @@ import pytest
 from py_lets_be_rational import black
 
 from loaders import reconstruction as rec
-from loaders.simulator.market import RATE, Market
+from loaders.simulator import Market
+from loaders.simulator.model import RATE
 from loaders.trading_calendar import NEW_YORK, trading_days
 from tests.conftest import FROZEN_TODAY
 

@@ -23,7 +23,7 @@ from loaders import cli
 from loaders import db as dbmod
 from loaders.polygon import ARROW_SCHEMA
 from loaders.simulator import Fault, Market, SimulatorServer
-from loaders.simulator.market import Profile, _schedule
+from loaders.simulator.model import Profile, listing_schedule
 from tests import test_ingest
 from tests.conftest import FROZEN_TODAY, fresh_database, query
 from tests.metrics_reference import Contract
@@ -433,7 +433,7 @@ class _BigMarket(Market):
         found = super().profile(symbol)
         if found is None or symbol != self.symbol:
             return found
-        return dataclasses.replace(found, target=self.target, schedule=_schedule(self.target, found.is_index))
+        return dataclasses.replace(found, target=self.target, schedule=listing_schedule(self.target, found.is_index))
 
 
 def test_a_50000_contract_chain_loads_in_bounded_memory(database, db_url, market, tmp_path, monkeypatch) -> None:

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from loaders.simulator import Fault, Market, SimulatorServer
-from loaders.simulator.market import RATE
+from loaders.simulator.model import RATE
 from loaders.trading_calendar import NEW_YORK, trading_days
 
 KEY = "test-key"

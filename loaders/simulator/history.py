@@ -20,7 +20,8 @@ from urllib.parse import quote, unquote
 import numpy as np
 
 from ..trading_calendar import NEW_YORK, is_trading_day, trading_days
-from .market import _INDEXES, _KNOWN, RATE, Market, _close_ns, _dumps, _unit
+from .market import Market, _dumps
+from .model import INDEXES, KNOWN, RATE, close_time_ns, unit
 
 FAMILIES = ("contracts", "aggregates", "treasury", "dividends", "open_interest")
 _PATHS = {"/v3/reference/options/contracts": "contracts", "/fed/v1/treasury-yields": "treasury",
@@ -31,9 +32,9 @@ _TENORS = ("1_month", "3_month", "6_month", "1_year", "2_year", "3_year", "5_yea
            "10_year", "20_year", "30_year")
 _EARLIEST = date(1990, 1, 2)  # first day of the yields and dividends histories
 # Roots of the index options, and the OCC root of each dotted equity (BRK.B -> BRKB).
-_INDEX_OF_ROOT = {root: symbol for symbol, (roots, *_) in _INDEXES.items() for root in roots}
-_EQUITY_OF_ROOT = {symbol.replace(".", ""): symbol for symbol in _KNOWN}
-_BARE = {symbol: roots[0] for symbol, (roots, *_) in _INDEXES.items()}  # I:SPX's options: SPX
+_INDEX_OF_ROOT = {root: symbol for symbol, (roots, *_) in INDEXES.items() for root in roots}
+_EQUITY_OF_ROOT = {symbol.replace(".", ""): symbol for symbol in KNOWN}
+_BARE = {symbol: roots[0] for symbol, (roots, *_) in INDEXES.items()}  # I:SPX's options: SPX
 
 
 class HistoryError(Exception):
@@ -243,7 +244,7 @@ class History:
         lo, hi = _date_bounds(params, "expiration_date")
         kind = params.get("contract_type")
         listed = [(t, 100, None) for t in self._day(request.symbol, as_of).tickers] if request.symbol else []
-        rows = [_reference_row(t, _BARE.get(request.symbol, request.symbol), request.symbol in _INDEXES, shares, cash)
+        rows = [_reference_row(t, _BARE.get(request.symbol, request.symbol), request.symbol in INDEXES, shares, cash)
                 for t, shares, cash in sorted(listed + self._adjusted(request.symbol, listed, as_of))
                 if (o := _parse_option(t)) and (not lo or o.expiration >= lo.isoformat())
                 and (not hi or o.expiration <= hi.isoformat()) and (not kind or o.call == (kind == "call"))]
@@ -254,7 +255,7 @@ class History:
         """Non-standard deliverables of some equities (reference only: the snapshot is unchanged):
         the four strikes nearest spot of a middle expiry, under a split-adjusted root (150 shares)
         and under a root with cash in lieu (an additional underlying)."""
-        if not listed or symbol in _INDEXES or _unit("adjusted:" + symbol) >= 0.4:
+        if not listed or symbol in INDEXES or unit("adjusted:" + symbol) >= 0.4:
             return []
         options = [(t, o) for t, _, _ in listed if (o := _parse_option(t))]
         expiries = sorted({o.expiration for _, o in options})
@@ -286,7 +287,7 @@ class History:
         for day in trading_days(lo, hi):
             close = round(self.market.spot(symbol, day), 2)
             open_ = round(self.market.spot(symbol, day - timedelta(days=1)), 2)
-            u = _unit(f"bar:{symbol}:{day}")
+            u = unit(f"bar:{symbol}:{day}")
             high, low = round(max(open_, close) * (1 + 0.006 * u), 2), round(min(open_, close) * (1 - 0.006 * (1 - u)), 2)
             bar: dict[str, Any] = {"o": open_, "c": close, "h": high, "l": low, "t": _midnight_ms(day)}
             if not symbol.startswith("I:"):
@@ -317,7 +318,7 @@ class History:
         with self._day_lock:
             if (symbol, day) in self._days:
                 return self._days[symbol, day]
-        chain, close_ns = self.market.chain(symbol, day), _close_ns(day)
+        chain, close_ns = self.market.chain(symbol, day), close_time_ns(day)
         summary = _Day([], np.full((len(chain), 7), np.nan), [])
         for i, contract in enumerate(chain):
             summary.tickers.append(sys.intern(contract["details"]["ticker"]))
@@ -348,7 +349,7 @@ class History:
         p, today, rows = self.market.profile(request.symbol) if request.symbol else None, self.today(), []
         if p is None or p.is_index or p.div_yield <= 0:
             return self._paged([], request, limit)
-        first_month, day = 1 + int(_unit("div:" + p.symbol) * 3), 6 + int(_unit("divday:" + p.symbol) * 14)
+        first_month, day = 1 + int(unit("div:" + p.symbol) * 3), 6 + int(unit("divday:" + p.symbol) * 14)
         for year in range(_EARLIEST.year, today.year + 2):
             for month in range(first_month, 13, 3):
                 ex = _trading(date(year, month, day), 1)

@@ -1,4 +1,4 @@
-"""The market simulator as a Polygon-compatible HTTP server, with deterministic fault injection."""
+"""The market simulator as a Polygon-compatible HTTP server; its faults come from faults.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Collection
-from dataclasses import dataclass
 from datetime import date
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -20,6 +19,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from ..trading_calendar import today as calendar_today
 from .chain import check_plan
+from .faults import TOO_MANY, Fault, FaultBook, RequestRecord, body_reply, status_reply
 from .history import History, HistoryError, not_entitled
 from .market import Market
 from .query import ChainQuery, parse_query
@@ -32,60 +32,6 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 _PATH_RE = re.compile(r"^/v3/snapshot/options/([^/]+)$")
-_HTML = (b"<!DOCTYPE html><html><head><title>503 Service Temporarily Unavailable</title></head>"
-         b"<body><h1>Service Temporarily Unavailable</h1><p>Please try again later.</p></body></html>")
-_TOO_MANY = ("You've exceeded the maximum requests per minute, please wait or upgrade your subscription "
-             "to continue. https://polygon.io/pricing")
-
-
-@dataclass(frozen=True)
-class Fault:
-    """What to break, and when. Deterministic: counters are kept per symbol.
-
-    A request matches when its page number (1 = the first request of a chain) is in `on_pages`
-    (None: every page). Of the matching requests for a symbol, the first `status_429_times` get a
-    429 (with `Retry-After: retry_after_s` unless None), the next `status_5xx_times` a
-    `status_5xx_code`. Each matching request after those, at most `times` of them (None: all),
-    gets every other knob that is set: `latency_s` and `hang_s` (sleeps before answering), then at
-    most one body fault (the first set of non_json, html_200, results_not_list), else the page with
-    the pagination faults applied to its `next_url`, cut short if `truncate_body`.
-    """
-
-    latency_s: float = 0.0
-    status_429_times: int = 0
-    retry_after_s: int | None = 1
-    status_5xx_times: int = 0
-    status_5xx_code: int = 503
-    hang_s: float = 0.0  # sleep this long, then answer normally (long after a client timed out)
-    truncate_body: bool = False  # full Content-Length, half the body, connection closed
-    non_json: bool = False  # 200, application/json, a body that is not JSON
-    html_200: bool = False  # 200 with an HTML page, as a proxy or maintenance page sends
-    results_not_list: bool = False  # 200 whose "results" is an object
-    repeat_contract_across_pages: bool = False  # the next page starts with this page's last one
-    next_url_loop: bool = False  # next_url points back to this same page
-    foreign_next_url: str | None = None  # origin (scheme://host:port) to put in next_url
-    on_pages: Collection[int] | None = None
-    times: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.on_pages is not None:
-            object.__setattr__(self, "on_pages", frozenset(self.on_pages))
-        if self.status_5xx_code < 500 or self.status_5xx_code > 599:
-            raise ValueError(f"status_5xx_code must be 5xx, got {self.status_5xx_code}")
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """One request as the server received it (also readable as record["query"])."""
-
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]  # names as the client sent them
-    time: float  # time.time() on arrival
-
-    def __getitem__(self, key: str) -> Any:
-        return getattr(self, key)
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -188,12 +134,11 @@ class SimulatorServer:
         self._lock = threading.Lock()
         # Bounded: a long `kapman simulator serve` session must not grow without limit.
         self._requests: deque[RequestRecord] = deque(maxlen=100_000)
-        self._faults: dict[str, Fault] = {}
+        self._faults = FaultBook()
         self._filtered: dict[tuple[str, tuple[Any, ...]], list[bytes]] = {}
         # Per chain: its contracts' filter fields, beside the cached list they were read from.
         self._details: dict[tuple[str, date], tuple[list[bytes], list[tuple[dict[str, Any], bytes]]]] = {}
         self._select_lock = threading.Lock()
-        self._counters: dict[tuple[str, str], list[int]] = {}  # (fault key, symbol): 429s, 5xx, hits
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -254,16 +199,11 @@ class SimulatorServer:
     def set_fault(self, symbol_or_star: str, fault: Fault) -> None:
         """Inject a fault for one underlying, or for all ("*"; a symbol's own fault wins).
         Its counters start from zero."""
-        with self._lock:
-            self._faults[symbol_or_star] = fault
-            for key in [k for k in self._counters if k[0] == symbol_or_star]:
-                del self._counters[key]
+        self._faults.set(symbol_or_star, fault)
 
     def clear_faults(self) -> None:
         """Remove every fault and reset the counters."""
-        with self._lock:
-            self._faults.clear()
-            self._counters.clear()
+        self._faults.clear()
 
     # -- serving -------------------------------------------------------------------------------
 
@@ -290,7 +230,7 @@ class SimulatorServer:
             return
         if self._over_rate_limit():
             window = self.rate_limit[1] if self.rate_limit else 1
-            _send(handler, 429, _json({"status": "ERROR", "request_id": rid, "error": _TOO_MANY}),
+            _send(handler, 429, _json({"status": "ERROR", "request_id": rid, "error": TOO_MANY}),
                   headers={"Retry-After": str(max(1, round(window)))})
             return
         if history is not None:
@@ -309,14 +249,9 @@ class SimulatorServer:
             return
 
         fault, action = self._fault_for(symbol, page.number)
-        if action == "429":
-            headers = {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
-            _send(handler, 429, _json({"status": "ERROR", "request_id": rid, "error": _TOO_MANY}),
-                  headers=headers)
-            return
-        if action == "5xx":
-            _send(handler, fault.status_5xx_code,
-                  _json({"status": "ERROR", "request_id": rid, "error": "Internal server error"}))
+        reply = status_reply(fault, action, rid)
+        if reply is not None:
+            _send(handler, reply[0], reply[1], headers=reply[2])
             return
         active = fault if action == "hit" else None
         if active and (active.latency_s or active.hang_s):
@@ -336,14 +271,9 @@ class SimulatorServer:
             _send(handler, exc.status, _json(exc.body(rid)))
             return
         fault, action = self._fault_for(request.symbol, request.page) if request.symbol else (Fault(), None)
-        if action == "429":
-            headers = {} if fault.retry_after_s is None else {"Retry-After": str(fault.retry_after_s)}
-            _send(handler, 429, _json({"status": "ERROR", "request_id": rid, "error": _TOO_MANY}),
-                  headers=headers)
-            return
-        if action == "5xx":
-            _send(handler, fault.status_5xx_code,
-                  _json({"status": "ERROR", "request_id": rid, "error": "Internal server error"}))
+        reply = status_reply(fault, action, rid)
+        if reply is not None:
+            _send(handler, reply[0], reply[1], headers=reply[2])
             return
         if action == "hit" and self._stopping.wait(fault.latency_s + fault.hang_s):
             handler.close_connection = True
@@ -375,22 +305,7 @@ class SimulatorServer:
 
     def _fault_for(self, symbol: str, page: int) -> tuple[Fault, str | None]:
         """The fault that applies and what it does to this request: "429", "5xx", "hit" or None."""
-        with self._lock:
-            key = symbol if symbol in self._faults else "*"
-            fault = self._faults.get(key)
-            if fault is None or (fault.on_pages is not None and page not in fault.on_pages):
-                return Fault(), None
-            counts = self._counters.setdefault((key, symbol), [0, 0, 0])
-            if counts[0] < fault.status_429_times:
-                counts[0] += 1
-                return fault, "429"
-            if counts[1] < fault.status_5xx_times:
-                counts[1] += 1
-                return fault, "5xx"
-            if fault.times is None or counts[2] < fault.times:
-                counts[2] += 1
-                return fault, "hit"
-            return fault, None
+        return self._faults.action(symbol, page)
 
     def _chain(self, symbol: str, page: ChainQuery) -> list[bytes]:
         """The serialised chain, narrowed and ordered as the query asks (cached: every page of a
@@ -425,16 +340,10 @@ class SimulatorServer:
                                        "error": str(exc)}))
             return
         fault = fault or Fault()
-        if fault.non_json:
-            _send(handler, 200, b"upstream connect error or disconnect/reset before headers")
-            return
-        if fault.html_200:
-            _send(handler, 200, _HTML, content_type="text/html; charset=utf-8")
-            return
         rid = _request_id(self.market.seed, self.plan, symbol, page.cursor())
-        if fault.results_not_list:
-            _send(handler, 200, _json({"status": "OK", "request_id": rid,
-                                       "results": {"message": "results temporarily unavailable"}}))
+        broken = body_reply(fault, rid)
+        if broken is not None:
+            _send(handler, 200, broken[0], content_type=broken[1])
             return
 
         end = page.offset + page.limit
