@@ -258,10 +258,10 @@ def test_one_symbol_failing_while_others_load_then_retried(database, db_url, liv
 
 class _Drifted(Market):
     """The same market after the provider's figures changed: every third contract's open interest
-    and bid move (the chain's contracts are the same)."""
+    moves (the chain's contracts are the same)."""
 
-    def chain_json(self, symbol: str, as_of: date) -> list[bytes]:
-        contracts = [json.loads(raw) for raw in super().chain_json(symbol, as_of)]
+    def chain_json(self, symbol: str, as_of: date, plan: str = "full") -> list[bytes]:
+        contracts = [json.loads(raw) for raw in super().chain_json(symbol, as_of, plan)]
         for contract in contracts[::3]:
             contract["open_interest"] = (contract.get("open_interest") or 0) + 7
         return [json.dumps(c).encode() for c in contracts]
