@@ -15,6 +15,7 @@ import pyarrow as pa
 from py_lets_be_rational import implied_volatility_from_a_transformed_rational_guess as _lbr_iv
 from py_lets_be_rational.exceptions import AboveMaximumException, BelowIntrinsicException
 
+from .polygon.rows import ARROW_SCHEMA
 from .trading_calendar import NEW_YORK
 
 MIN_CLOSE = 0.05  # below this an end-of-day price says nothing about volatility (history.md)
@@ -24,29 +25,14 @@ _TENOR_RE = re.compile(r"^yield_(\d+)_(month|year)s?$")
 _OCC_RE = re.compile(r"^O:[A-Z0-9.]+\d{6}([CP])\d{8}$")
 _erfc = np.frompyfunc(math.erfc, 1, 1)
 
-# Types as in the snapshot pages (polygon/rows.py ARROW_SCHEMA; a test compares).
-SCHEMA = pa.schema([
-    pa.field("contract_ticker", pa.string(), nullable=False),
-    pa.field("expiration_date", pa.date32(), nullable=False),
-    pa.field("strike_price", pa.float64(), nullable=False),
-    pa.field("option_type", pa.string(), nullable=False),
-    pa.field("implied_volatility", pa.float64()),
-    pa.field("delta", pa.float64()),
-    pa.field("gamma", pa.float64()),
-    pa.field("theta", pa.float64()),
-    pa.field("vega", pa.float64()),
-    pa.field("open_interest", pa.int64()),
-    pa.field("volume", pa.int64(), nullable=False),
-    pa.field("last", pa.float64()),
-    pa.field("bid", pa.float64()),
-    pa.field("ask", pa.float64()),
-    pa.field("underlying_price", pa.float64()),
-    pa.field("day_updated_at", pa.timestamp("us", tz="UTC")),
-    pa.field("underlying_symbol", pa.string()),
-    pa.field("exercise_style", pa.string()),
-    pa.field("shares_per_contract", pa.int64()),
-    pa.field("source", pa.string(), nullable=False),
-])
+# The snapshot pages' columns (their types, so both load the same way) that a reconstruction fills;
+# time and ticker_id are the loader's, and the quote, trade, break-even and fmv columns stay null.
+SCHEMA = pa.schema([ARROW_SCHEMA.field(name) for name in (
+    "contract_ticker", "expiration_date", "strike_price", "option_type", "implied_volatility",
+    "delta", "gamma", "theta", "vega", "open_interest", "volume", "last", "bid", "ask",
+    "underlying_price", "day_updated_at", "underlying_symbol", "exercise_style",
+    "shares_per_contract", "source",
+)])
 
 # Why a row has no IV; exactly one reason per row without one.
 NOT_INVERTED_REASONS = (

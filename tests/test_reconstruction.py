@@ -256,15 +256,6 @@ def test_rows_carry_bar_open_interest_and_identity() -> None:
     assert without_oi.table.column("open_interest").null_count == without_oi.rows
 
 
-def test_columns_have_the_snapshot_pages_types() -> None:
-    # reconstruction keeps its own schema (importing the dlt source from it would cycle once the
-    # source calls reconstruct_day); this keeps the two from drifting apart.
-    from loaders.polygon import ARROW_SCHEMA
-
-    for column in rec.SCHEMA:
-        assert ARROW_SCHEMA.field(column.name).type == column.type, column.name
-
-
 def test_a_bar_of_another_day_is_refused() -> None:
     contracts, bars = _chain(100.0, 0.3, [100.0])
     bars[_ticker(EXPIRY, 100.0, True)]["t"] = START_MS - 86_400_000

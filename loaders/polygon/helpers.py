@@ -129,16 +129,6 @@ def _unreachable(exc: requests.ConnectionError) -> bool:
     return isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError)
 
 
-def _check_response(response: requests.Response) -> None:
-    """Raise on HTTP errors (the retry wrapper decides about 429/5xx) and on redirects."""
-    if response.status_code >= 400:
-        raise requests.HTTPError(f"HTTP {response.status_code}", response=response)
-    if response.is_redirect:  # never followed: the key would go wherever the Location points
-        target = urlsplit(response.headers.get("Location", ""))
-        raise SymbolFetchError(f"refused HTTP {response.status_code} redirect to {target.scheme}://{target.netloc}"
-                               f"{target.path} (set POLYGON_BASE_URL to the API's own origin)")
-
-
 def _provider_message(response: requests.Response) -> str:
     try:
         body = response.json()
