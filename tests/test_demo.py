@@ -39,3 +39,32 @@ def test_demo_runs_end_to_end_and_says_the_data_is_simulated(tmp_path) -> None:
     assert (tmp_path / "report" / "I_SPX.png").exists()
     assert (tmp_path / ".kapman" / "demo" / "watchlist-demo.txt").exists()
     assert "[4/4]" in done.stderr
+
+
+def test_history_must_leave_the_latest_day_to_a_snapshot(tmp_path) -> None:
+    done = subprocess.run([sys.executable, "-m", "loaders.cli", "demo", "--days", "3", "--history", "3"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--history 3 must be less than --days 3" in done.stderr
+    assert not (tmp_path / ".kapman").exists()  # refused before anything started
+
+
+def test_the_reconstruction_step_points_every_setting_at_the_simulator_and_restores_them(monkeypatch) -> None:
+    import requests
+
+    from loaders import demo
+    from loaders.polygon import polygon_configuration
+
+    monkeypatch.setenv("SOURCES__POLYGON__POLYGON_BASE_URL", "https://api.polygon.io")
+    monkeypatch.setenv("POLYGON_API_KEY", "the-users-real-key")
+    monkeypatch.setenv("POLYGON_REQUESTS_PER_MINUTE", "5")
+    before = dict(os.environ)
+    with demo._simulated_polygon():
+        config = polygon_configuration()
+        assert config.polygon_base_url.startswith("http://127.0.0.1:")
+        assert config.polygon_api_key and config.polygon_api_key != "the-users-real-key"
+        assert config.request_limit is None
+        answer = requests.get(f"{config.polygon_base_url}/v3/reference/options/contracts",
+                              params={"underlying_ticker": "AAPL", "as_of": "2025-12-18", "limit": 5},
+                              headers={"Authorization": f"Bearer {config.polygon_api_key}"}, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 5
+    assert dict(os.environ) == before
