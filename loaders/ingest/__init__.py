@@ -184,6 +184,7 @@ def _run_days(args: argparse.Namespace, database: dbmod.Database, days: list[dat
                 plans = [flow.plan_day(run_, day, args.snapshot_time or snapshot_time(day), _skips_completed(args))
                          for day in days]
                 days_out.extend(plan.outcome for plan in plans)  # filled in as the run goes
+                provider.plan({plan.outcome.day: plan.todo for plan in plans if plan.todo})
                 run_.work.commit()
                 try:
                     flow.ingest_days(run_, plans)

@@ -21,7 +21,7 @@ from ..logs import Heartbeat
 from ..polygon import ChainFetcher, ChainResult, SlicePlanner
 from ..polygon.slicing import ExpirationCounts
 from . import pipeline
-from .ledger import Ledger, completed_symbols, earlier_expirations
+from .ledger import Ledger, completed_symbols, earlier_expirations, snapshot_symbols
 from .outcomes import DayOutcome, SymbolOutcome, symbol_line
 from .providers import Provider
 
@@ -112,7 +112,8 @@ class Feed:
                     log.info("day %s START snapshot_time=%s symbols=%d", day.outcome.day, snapshot.isoformat(),
                              len(day.todo))
                     client = run.provider.chains(day.outcome.day)
-                    slices = run.planner.plan(day.todo, functools.partial(run.stored_expirations, conn, snapshot))
+                    slices = (run.planner.plan(day.todo, functools.partial(run.stored_expirations, conn, snapshot))
+                              if run.provider.slices(day.outcome.day) else {})
                     for symbol in day.todo:
                         with self._cond:
                             self._cond.wait_for(lambda: self._stopping() or (
@@ -210,6 +211,12 @@ def plan_day(run: Run, day: date, snapshot: datetime, skip_completed: bool) -> D
         log.debug("%s %s skipped: the ledger says (%s, %s) completed at %s (--force re-fetches)",
                   day, symbol, symbol, snapshot.isoformat(), finished)
         result.symbols.append(SymbolOutcome(day, symbol, "skipped"))
+    if run.provider.reconstructs(day, run.provider.current):
+        for symbol in sorted(snapshot_symbols(run.work, [s for s in run.symbols if s not in done], snapshot)):
+            why = f"a live snapshot stored {symbol}'s chain of {day}: a reconstruction never overwrites it (--force too)"
+            log.warning("%s %s skipped: %s", day, symbol, why)
+            result.symbols.append(SymbolOutcome(day, symbol, "skipped", error=why))
+            done[symbol] = snapshot
     todo = [s for s in run.symbols if s not in done]
     if not todo:
         log.info("%s: all %d symbols already completed, skipped", day, len(done))
@@ -261,6 +268,8 @@ def _load(run: Run, feed: Feed, first: tuple[DayPlan, ChainResult], min_rows: in
         error = result.error or load_error
         outcome = SymbolOutcome(day.outcome.day, result.symbol, "ok" if error is None else "failed", result.pages,
                                 result.contracts, 0, result.rejected, error, round(result.elapsed, 3))
+        if result.with_iv is not None:  # a reconstructed chain: how many contracts got an IV
+            outcome.with_iv, outcome.not_inverted = result.with_iv, dict(result.not_inverted)
         day.outcome.symbols.append(outcome)
         outcomes.append((day, outcome, result))
     run.ledger.finished([(o, r.ticker_id, d.outcome.snapshot_time) for d, o, r in outcomes], load_ids,

@@ -26,6 +26,14 @@ def completed_symbols(conn: psycopg2.extensions.connection, symbols: Sequence[st
         return dict(cur.fetchall())
 
 
+def snapshot_symbols(conn: psycopg2.extensions.connection, symbols: Sequence[str], snapshot: datetime) -> set[str]:
+    """Symbols with rows a live snapshot stored under `snapshot` (a reconstruction leaves them be)."""
+    with conn.cursor() as cur:
+        cur.execute("select k.symbol from tickers k where k.symbol = any(%s) and exists (select 1 from options_chains c"
+                    " where c.ticker_id = k.id and c.time = %s and c.source = 'snapshot')", (list(symbols), snapshot))
+        return {row[0] for row in cur.fetchall()}
+
+
 class Ledger:
     """Writes the ledger and the lifecycle on its own connection, in one thread, in the order the
     writes are handed over, while the run goes on fetching and loading. An error (a lost

@@ -30,6 +30,8 @@ class SymbolOutcome:
     rejected: int = 0
     error: str | None = None
     elapsed_s: float = 0.0
+    with_iv: int | None = None  # a reconstructed chain's contracts with an IV ...
+    not_inverted: dict[str, int] | None = None  # ... and those without one, by reason
 
 
 @dataclass
@@ -61,11 +63,20 @@ def symbol_line(outcome: SymbolOutcome, reasons: dict[str, int] | None = None) -
         detail = " (" + ", ".join(f"{why}: {n}" for why, n in sorted(reasons.items())) + ")"
     text = (f"{outcome.day} {outcome.symbol} {outcome.outcome.upper()} pages={outcome.pages} "
             f"contracts={outcome.contracts} rows_written={outcome.rows_written} "
-            f"rejected={outcome.rejected}{detail} elapsed={outcome.elapsed_s:.2f}s")
+            f"rejected={outcome.rejected}{detail}{_iv_detail(outcome)} elapsed={outcome.elapsed_s:.2f}s")
     if outcome.error:
         log.error("%s error=%s", text, outcome.error)
     else:
         log.info("%s", text)
+
+
+def _iv_detail(outcome: SymbolOutcome) -> str:
+    """A reconstructed chain's IV counts for its line ("" for a snapshot's)."""
+    if outcome.with_iv is None:
+        return ""
+    reasons = outcome.not_inverted or {}
+    detail = ", ".join(f"{why}: {n}" for why, n in sorted(reasons.items()))
+    return f" reconstructed with_iv={outcome.with_iv} not_inverted={sum(reasons.values())}" + (f" ({detail})" if detail else "")
 
 
 def summary(args: argparse.Namespace, days: list[DayOutcome], started: datetime, duration: float,

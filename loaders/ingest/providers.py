@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from datetime import date
 
@@ -25,6 +25,7 @@ from ..polygon import (
     RateLimiter,
     polygon_configuration,
 )
+from .history import Backfill, ReconstructedChains
 from .outcomes import IngestError
 
 log = logging.getLogger("kapman.ingest")
@@ -58,6 +59,20 @@ class Provider(ABC):
         """Why this provider cannot give day's chains (None: it can). A class method, so that a
         dry run can ask without starting the provider."""
 
+    @classmethod
+    def reconstructs(cls, day: date, current: date) -> bool:
+        """Whether day's chains are rebuilt from history rather than taken from a snapshot (a
+        reconstruction never replaces rows a snapshot stored: the run skips those)."""
+        return False
+
+    def plan(self, todo: Mapping[date, Sequence[str]]) -> None:  # noqa: B027 (most providers need no plan)
+        """The run's (day -> symbols) to fetch, before the first fetch: a provider that fetches
+        a whole range at once (history) needs it up front."""
+
+    def slices(self, day: date) -> bool:
+        """Whether day's large chains may be fetched as expiration-range slices."""
+        return True
+
     @abstractmethod
     def source_for(self, day: date) -> ChainSource:
         """What fetches day's chains (asked once per day, for a day not refused)."""
@@ -78,7 +93,8 @@ class Provider(ABC):
 
 
 class PolygonSnapshots(Provider):
-    """The live snapshot endpoint: the current chain only, so only the current trading date."""
+    """The live snapshot endpoint alone: the current chain only, so only the current trading date
+    (PolygonProvider adds past days by reconstruction)."""
 
     name = "polygon"
 
@@ -121,7 +137,42 @@ class SimulatedSnapshots(Provider):
         self._server.__exit__(None, None, None)
 
 
-PROVIDERS: dict[str, type[Provider]] = {p.name: p for p in (PolygonSnapshots, SimulatedSnapshots)}
+class PolygonProvider(PolygonSnapshots):
+    """`--provider polygon`: the current trading date from the live snapshot, past days
+    reconstructed from the historical endpoints (ingest/history.py), later days refused."""
+
+    def __init__(self, config: PolygonConfiguration, current: date, concurrency: int,
+                 parser: Executor | None = None) -> None:
+        super().__init__(config, current, concurrency, parser)
+        self.backfill = Backfill(config, concurrency, self.limiter)
+
+    @classmethod
+    def refusal(cls, day: date, current: date) -> str | None:
+        if day > current:
+            return (f"{day} is after the current trading date {current}: there is no chain of it yet, "
+                    f"nothing stored for {day}")
+        return None
+
+    @classmethod
+    def reconstructs(cls, day: date, current: date) -> bool:
+        return day < current
+
+    def plan(self, todo: Mapping[date, Sequence[str]]) -> None:
+        self.backfill.plan({day: symbols for day, symbols in todo.items() if self.reconstructs(day, self.current)})
+
+    def slices(self, day: date) -> bool:
+        return not self.reconstructs(day, self.current)
+
+    def source_for(self, day: date) -> ChainSource:
+        if self.reconstructs(day, self.current):
+            return ReconstructedChains(self.backfill, day)
+        return super().source_for(day)
+
+    def close(self) -> None:
+        self.backfill.close()
+
+
+PROVIDERS: dict[str, type[Provider]] = {p.name: p for p in (PolygonProvider, SimulatedSnapshots)}
 
 
 @contextlib.contextmanager
@@ -133,7 +184,7 @@ def open_provider(name: str, current: date, concurrency: int, parser: Executor |
         config.validate()
     except ValueError as exc:
         raise IngestError(f"invalid settings: {exc}") from None
-    if name == PolygonSnapshots.name:
+    if name == PolygonProvider.name:
         if not config.polygon_api_key:
             raise IngestError("POLYGON_API_KEY is not set: the polygon provider refuses to start without it "
                               "(or use --provider simulator)")

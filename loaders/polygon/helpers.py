@@ -45,13 +45,16 @@ def one_line(text: str) -> str:
     return " ".join(redact(text).split())[:400]
 
 
-def pin_next_url(next_url: str, base_url: str) -> str:
+def pin_next_url(next_url: str, base_url: str, prefix: str = settings.SNAPSHOT_PATH_PREFIX) -> str:
     """The URL to follow for a `next_url`, always on the configured origin.
 
     A next_url on another origin (Polygon answers with api.polygon.io even when reached through
     another host) is rewritten onto the configured origin if it stays on the snapshot endpoint,
     and refused otherwise: the key is only ever sent to the configured origin. Any `apiKey` in the
     next_url is dropped (auth adds ours).
+
+    Args:
+        prefix: the path the next_url must stay under (the endpoint being paged).
 
     Raises:
         SymbolFetchError: the next_url leaves the snapshot endpoint or is not http(s).
@@ -64,8 +67,8 @@ def pin_next_url(next_url: str, base_url: str) -> str:
     path = parts.path
     if base_path and path.startswith(base_path + "/"):
         path = path[len(base_path):]
-    if not path.startswith(settings.SNAPSHOT_PATH_PREFIX):
-        raise SymbolFetchError(f"refused next_url outside the snapshot endpoint: {parts.netloc}{parts.path}")
+    if not path.startswith(prefix):
+        raise SymbolFetchError(f"refused next_url outside the endpoint {prefix}: {parts.netloc}{parts.path}")
     query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
                        if k.lower() != settings.API_KEY_PARAM.lower()])
     if parts.netloc and (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
@@ -264,19 +267,52 @@ class ChainClient:
               budget: _Budget) -> tuple[ParsedPage, Any]:
         """One page, retried on 429, 5xx, timeouts and broken connections (Retry-After honoured,
         backoff capped), within the request's attempts and the symbol's budget; then parsed."""
-        config = self.config
-        retrying = Retrying(
-            retry=retry_any(retry_if_status(settings.RETRY_STATUS_CODES), retry_if_exception_type(_RETRY_EXCEPTIONS)),
-            wait=wait_exponential_retry_after(multiplier=config.backoff_factor, max=config.max_retry_delay),
-            stop=stop_after_attempt(config.max_attempts) | budget,
-            before_sleep=lambda state: _log_retry(result.symbol, budget, config.max_attempts, state),
-            reraise=True,
-        )
-        response = retrying(self._get, url, params)
+        response = self._retrying(result.symbol, budget)(self._get, url, params)
         parse_args = (response.content, response.headers.get("Content-Type"), result.ticker_id, result.snapshot_time)
         if self.parser is None:
             return parse_page(*parse_args)
         return self.parser.submit(parse_page, *parse_args).result()
+
+    def _retrying(self, label: str, budget: _Budget) -> Retrying:
+        """The retry policy of one request: 429, 5xx, timeouts and broken connections, within the
+        request's attempts and the budget of its symbol (`label` names it in the log)."""
+        config = self.config
+        return Retrying(
+            retry=retry_any(retry_if_status(settings.RETRY_STATUS_CODES), retry_if_exception_type(_RETRY_EXCEPTIONS)),
+            wait=wait_exponential_retry_after(multiplier=config.backoff_factor, max=config.max_retry_delay),
+            stop=stop_after_attempt(config.max_attempts) | budget,
+            before_sleep=lambda state: _log_retry(label, budget, config.max_attempts, state),
+            reraise=True,
+        )
+
+    def json_pages(self, label: str, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Every page of a paged JSON endpoint of the configured origin (the history endpoints),
+        with this client's session, auth, retries and rate limit: `next_url` is followed on the
+        same endpoint only, carrying only its cursor, never in a loop.
+
+        Raises:
+            requests.HTTPError: an error answer (after retries); SymbolFetchError: not JSON, or a
+            next_url that leaves the endpoint or repeats itself.
+        """
+        budget = _Budget(self.config.retry_budget)
+        url, query, prefix = self.base_url + path, params, "/" + path
+        followed: set[str] = set()
+        while True:
+            response = self._retrying(label, budget)(self._get, url, query)
+            try:
+                body = response.json()
+            except ValueError:
+                raise SymbolFetchError(f"unreadable response from {prefix}: not JSON") from None
+            if not isinstance(body, dict):
+                raise SymbolFetchError(f"unreadable response from {prefix}: not an object")
+            yield body
+            next_url = body.get("next_url")
+            if not next_url:
+                return
+            url, query = pin_next_url(next_url, self.base_url, prefix), None
+            if url in followed or len(followed) >= settings.MAX_PAGES:
+                raise SymbolFetchError(f"next_url of {prefix} repeats itself: pagination does not end")
+            followed.add(url)
 
     def _get(self, url: str, params: dict[str, Any] | None) -> requests.Response:
         """One attempt: waits for its slot of the rate limit, if any."""

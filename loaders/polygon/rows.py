@@ -49,8 +49,12 @@ ARROW_SCHEMA = pa.schema([
     pa.field("quote_updated_at", pa.timestamp("us", tz="UTC")),
     pa.field("trade_at", pa.timestamp("us", tz="UTC")),
     pa.field("day_updated_at", pa.timestamp("us", tz="UTC")),
+    # How the row was obtained (0004): 'snapshot' here, 'reconstructed' for a past day rebuilt from
+    # history. Loaded with every row, so a snapshot stored over a reconstruction says so.
+    pa.field("source", pa.string(), nullable=False),
 ])
-_VALUE_COLUMNS = [f.name for f in ARROW_SCHEMA][2:]  # time and ticker_id are constant per symbol
+# Parsed per contract: all but time and ticker_id (constant per symbol) and source (per page).
+_VALUE_COLUMNS = [f.name for f in ARROW_SCHEMA][2:-1]
 _CONTRACT_TYPES = {"call": "C", "put": "P"}
 
 
@@ -205,6 +209,7 @@ def normalise_page(
         pa.array([stamp] * len(rows), ARROW_SCHEMA.field("time").type),
         pa.array([ticker_id] * len(rows), pa.string()),
     ] + [pa.array(values, ARROW_SCHEMA.field(name).type) for name, values in zip(_VALUE_COLUMNS, columns, strict=True)]
+    arrays.append(pa.array(["snapshot"] * len(rows), pa.string()))
     return pa.Table.from_arrays(arrays, schema=ARROW_SCHEMA), rejected
 
 
@@ -287,6 +292,9 @@ class ChainResult:
     elapsed: float = 0.0
     parse_cpu_s: float = 0.0  # CPU time of parsing its pages (in the parser's processes, if any)
     source: str = "snapshot"  # how the provider obtained the rows (options_chains.source)
+    # A reconstructed day's IV counts: contracts with an IV, and those without one by reason.
+    with_iv: int | None = None
+    not_inverted: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
