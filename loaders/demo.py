@@ -110,8 +110,8 @@ def _sources_line(found: dict[str, tuple[list[date], int]]) -> str:
     for source in ("reconstructed", "snapshot"):
         if source in found:
             days, rows = found[source]
-            lines.append(f"{len(days)} trading day(s) {days[0].isoformat()} to {days[-1].isoformat()}: "
-                         f"{rows:,} contract rows {what[source]}.")
+            span = days[0].isoformat() if len(days) == 1 else f"{days[0].isoformat()} to {days[-1].isoformat()}"
+            lines.append(f"{len(days)} trading day(s), {span}: {rows:,} contract rows {what[source]}.")
     return "\n".join(lines) + "\n"
 
 

@@ -162,9 +162,18 @@ def file_stem(symbol: str, taken: set[str] | None = None) -> str:
     return stem
 
 
+def _ranks_reconstructed_history(snap: Snapshot, key: str) -> bool:
+    """A rank or percentile shown that ranks against reconstructed days."""
+    return key in RANK_KEYS and snap.history_reconstructed and snap.metrics.get(key) is not None
+
+
+def _any_marked(latest: dict[str, Snapshot]) -> bool:
+    return any(_ranks_reconstructed_history(s, key) for s in latest.values() for _, key, _, _ in COLUMNS)
+
+
 def _marked(snap: Snapshot, key: str, text: str) -> str:
     """A rank's cell with `*` when it ranks against reconstructed days (terminal table)."""
-    return f"{text}*" if key in RANK_KEYS and snap.history_reconstructed and text != "—" else text
+    return f"{text}*" if _ranks_reconstructed_history(snap, key) else text
 
 
 def text_table(latest: dict[str, Snapshot]) -> str:
@@ -184,7 +193,7 @@ def text_table(latest: dict[str, Snapshot]) -> str:
     notes = ["IV in %; Term and Skew in vol points; ranks and percentiles 0-100; — = not available"]
     if any(s.reconstructed for s in latest.values()):
         notes.append("R = the day's chain was reconstructed from historical prices, not a snapshot")
-    if any(s.history_reconstructed for s in latest.values()):
+    if _any_marked(latest):
         notes.append("* = ranked against a history that includes reconstructed days")
     return "\n".join([line(headers), rule, *(line(r) for r in rows), *notes]) + "\n"
 
@@ -234,7 +243,7 @@ HISTORY_MARK = '<span class="mark" title="ranked against a history that includes
 
 def _cell(snap: Snapshot, key: str, fmt: Callable[[float | None], str]) -> str:
     value = snap.metrics.get(key)
-    mark = HISTORY_MARK if key in RANK_KEYS and value is not None and snap.history_reconstructed else ""
+    mark = HISTORY_MARK if _ranks_reconstructed_history(snap, key) else ""
     return f"<td{_rank_shade(key, value)}>{html.escape(fmt(value))}{mark}</td>"
 
 
@@ -256,7 +265,7 @@ def _metrics_table(latest: dict[str, Snapshot], anchors: dict[str, str]) -> str:
     if any(s.reconstructed for s in latest.values()):
         legend.append(f"{RECONSTRUCTED_TAG} (amber row): the day's chain was reconstructed from historical "
                       "prices, not taken from a snapshot.")
-    if any(s.history_reconstructed for s in latest.values()):
+    if _any_marked(latest):
         legend.append(f"{HISTORY_MARK}: a rank or percentile over a history that includes reconstructed days.")
     return (
         '<table class="metrics"><thead><tr><th>Symbol</th><th>Status</th><th>As of</th>'
@@ -272,8 +281,10 @@ def _reconstructed_note(history: dict[str, list[Snapshot]]) -> str:
     if not days:
         return ""
     count = sum(s.reconstructed for snaps in history.values() for s in snaps)
-    return (f'<div class="meta recon">Reconstructed: {count} symbol-days on {len(days)} trading days '
-            f"({days[0].isoformat()} to {days[-1].isoformat()}) were rebuilt from historical prices, "
+    span = days[0].isoformat() if len(days) == 1 else f"{days[0].isoformat()} to {days[-1].isoformat()}"
+    plural = "s" if len(days) > 1 else ""
+    return (f'<div class="meta recon">Reconstructed: {count} symbol-days on {len(days)} trading day{plural} '
+            f"({span}) were rebuilt from historical prices, "
             "not snapshots; amber on the charts, dashed ranks rank against them.</div>")
 
 

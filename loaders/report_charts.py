@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from datetime import date, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -118,7 +119,7 @@ def _decorate(fig: Any, axes: tuple[Axes, ...], snaps: list[Snapshot]) -> None:
     if spans:
         count = sum(s.reconstructed for s in snaps)
         notes.append(f"amber: {count} reconstructed day(s), rebuilt from historical prices, not snapshots")
-    if any(s.history_reconstructed for s in snaps):
+    if any(s.history_reconstructed and not math.isnan(s.get(key)) for s in snaps for key in ("iv_rank", "iv_rank_30d")):
         notes.append("dashed ranks: ranked against a history that includes reconstructed days")
     if gaps:
         notes.append(f"dotted lines: {len(gaps)} day(s) without metrics (status not SUCCESS)")
