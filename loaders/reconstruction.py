@@ -24,7 +24,7 @@ _TENOR_RE = re.compile(r"^yield_(\d+)_(month|year)s?$")
 _OCC_RE = re.compile(r"^O:[A-Z0-9.]+\d{6}([CP])\d{8}$")
 _erfc = np.frompyfunc(math.erfc, 1, 1)
 
-# Types as in the snapshot pages (polygon/helpers.py ARROW_SCHEMA; a test compares), plus source.
+# Types as in the snapshot pages (polygon/rows.py ARROW_SCHEMA; a test compares).
 SCHEMA = pa.schema([
     pa.field("contract_ticker", pa.string(), nullable=False),
     pa.field("expiration_date", pa.date32(), nullable=False),

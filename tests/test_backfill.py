@@ -1,5 +1,5 @@
 """Range backfill: date expansion, argparse rules, failed days, the ledger's
-skip/retry, the live provider's refusal of history, overlapping ranges."""
+skip/retry, the live provider's days (past ones reconstructed, later ones refused), overlapping ranges."""
 
 from __future__ import annotations
 
@@ -95,16 +95,18 @@ def test_completed_pairs_are_skipped_failed_and_partial_ones_retried(database, d
     assert count(database, "select count(*) from ingestion_ledger where status = 'completed'") == 4
 
 
-def test_the_live_provider_refuses_past_days_and_stores_nothing_for_them(database, db_url, live, caplog) -> None:  # noqa: F811
+def test_the_live_provider_reconstructs_past_days_and_refuses_later_ones(database, db_url, live, caplog) -> None:  # noqa: F811
     watch(database, ("a", "F"))
-    past = trading_days(TODAY - timedelta(days=10), TODAY)[-3]
-    code, summary = run(db_url, "--as-of", past.isoformat())
-    assert code == 1 and "only serves the current chain" in summary["error"] + caplog.text
-    assert live.requests == [] and count(database, "select count(*) from options_chains") == 0
-    assert count(database, "select count(*) from ingestion_ledger") == 0
-    code, summary = run(db_url, "--start-date", past.isoformat(), "--end-date", TODAY.isoformat())
-    assert code == 0 and [d["outcome"] for d in summary["days"]] == ["failed", "failed", "succeeded"]
-    assert query(database, "select distinct time from options_chains") == [(snapshot_time(TODAY),)]
+    past = trading_days(TODAY - timedelta(days=10), TODAY)[-3:]
+    later = trading_days(TODAY + timedelta(days=1), TODAY + timedelta(days=10))[:2]
+    code, summary = run(db_url, "--start-date", past[0].isoformat(), "--end-date", later[-1].isoformat())
+    assert code == 0 and [d["outcome"] for d in summary["days"]] == ["succeeded"] * 3 + ["failed"] * 2
+    assert f"{later[0]} is after the current trading date {TODAY}" in caplog.text
+    # today from the live snapshot, the days before it rebuilt from history (tests/test_history.py)
+    assert query(database, "select time, source from options_chains group by 1, 2 order by 1") == \
+        [(snapshot_time(past[0]), "reconstructed"), (snapshot_time(past[1]), "reconstructed"),
+         (snapshot_time(TODAY), "snapshot")]
+    assert not any("date" in r.query for r in live.requests)  # the live snapshot has no date
 
 
 def test_overlapping_ranges_give_one_snapshot_per_trading_day_and_no_duplicates(database, db_url, capsys,

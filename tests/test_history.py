@@ -3,7 +3,6 @@ over HTTP (POLYGON_BASE_URL), into real PostgreSQL, then through `kapman metrics
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Iterator
 from datetime import date
@@ -12,6 +11,7 @@ import pytest
 import requests
 
 from loaders import cli
+from loaders.ingest import history as history_ingest
 from loaders.simulator import Market, SimulatorServer
 from loaders.trading_calendar import snapshot_time, trading_days
 from tests.conftest import fresh_database, query
@@ -97,3 +97,113 @@ def test_a_range_is_reconstructed_once_per_day_and_a_rerun_fetches_nothing(datab
     code, again = run(db_url, *RANGE)
     assert code == 0 and again["days_skipped"] == len(DAYS) and history.requests == []
     assert count(database, "select count(*) from options_chains") == rows
+
+
+def test_today_comes_from_the_snapshot_and_a_reconstruction_never_overwrites_it(database, db_url, market,
+                                                                              monkeypatch, caplog) -> None:
+    watch(database, ("a", "KO"))
+    span = ("--start-date", DAYS[-3].isoformat(), "--end-date", END.isoformat())
+    with serve(market, monkeypatch, END) as server:  # today is the range's last day
+        code, summary = run(db_url, *span)
+        assert code == 0 and summary["days_succeeded"] == 3
+        assert not any("date" in r.query for r in server.requests if r.path.startswith("/v3/snapshot/"))
+    assert [stored(database, "KO", d) for d in DAYS[-3:]] == [
+        {"reconstructed": len(standard(listed_by(market, "KO", DAYS[-3])))},
+        {"reconstructed": len(standard(listed_by(market, "KO", DAYS[-2])))},
+        {"snapshot": len(market.chain("KO", END))}]
+    before = query(database, "select contract_ticker, last, implied_volatility, source from options_chains"
+                             " where time = %s order by 1", (snapshot_time(END),))
+    with serve(market, monkeypatch, AFTER) as server:  # a day later END is past, and stays the snapshot's
+        code, summary = run(db_url, *span, "--force")
+        assert not any(f"/{END}" in r.path or r.query.get("as_of") == END.isoformat() for r in server.requests)
+    assert code == 0 and [d["outcome"] for d in summary["days"]] == ["succeeded", "succeeded", "skipped"]
+    assert f"{END} KO skipped: a live snapshot stored KO's chain of {END}: a reconstruction never overwrites" in caplog.text
+    assert query(database, "select contract_ticker, last, implied_volatility, source from options_chains"
+                           " where time = %s order by 1", (snapshot_time(END),)) == before
+
+
+def listed_by(market: Market, symbol: str, day: date) -> list[dict]:
+    """The reference contracts of `day` from a simulator of its own (the test's servers come and go)."""
+    with SimulatorServer(market, api_key=KEY, today=AFTER) as server:
+        return listed(server, symbol, day)
+
+
+def test_refusals_fail_what_they_cover_and_optional_endpoints_only_log(database, db_url, market, monkeypatch,
+                                                                       caplog) -> None:
+    watch(database, ("a", "KO"), ("a", "T"))
+    span = ("--start-date", DAYS[0].isoformat(), "--end-date", DAYS[1].isoformat())
+    with serve(market, monkeypatch, AFTER, not_entitled={"T"}, refuse=("open_interest", "dividends")):
+        code, summary = run(db_url, *span)
+    outcomes = {(s["day"], s["symbol"]): (s["outcome"], s["error"]) for s in summary["symbols"]}
+    assert code == 0 and {o for (_, symbol), (o, _) in outcomes.items() if symbol == "KO"} == {"ok"}
+    for day in DAYS[:2]:
+        outcome, error = outcomes[(day.isoformat(), "T")]
+        assert outcome == "failed" and error.startswith("HTTP 403 from /v3/reference/options/contracts: You are not")
+    assert query(database, "select distinct k.symbol from options_chains c join tickers k on k.id = c.ticker_id") \
+        == [("KO",)]
+    assert count(database, "select count(*) from options_chains where open_interest is not null") == 0
+    said = [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len([m for m in said if m.startswith("history: open interest unavailable (HTTP 403")]) == 1
+    assert len([m for m in said if m.startswith("history: dividends unavailable (HTTP 403")]) == 1
+
+    query(database, "delete from ingestion_ledger")
+    with serve(market, monkeypatch, AFTER, refuse=("aggregates",)):
+        code, summary = run(db_url, *span, "--symbols", "T")
+    assert code == 1 and summary["symbols_failed"] == 2
+    assert all(s["error"].startswith("HTTP 403 from /v2/aggs: You are not entitled") for s in summary["symbols"])
+    assert count(database, "select count(*) from options_chains c join tickers k on k.id = c.ticker_id"
+                           " where k.symbol = 'T'") == 0
+
+
+def test_a_dry_run_counts_the_requests_and_the_time_at_the_plans_limit(database, db_url, history, monkeypatch,
+                                                                       caplog) -> None:
+    watch(database, ("a", "KO"))
+    monkeypatch.setenv("POLYGON_REQUESTS_PER_MINUTE", "300")  # the dry run keeps to it too
+    code, _ = run(db_url, *RANGE, "--dry-run")
+    contracts = {c["ticker"] for d in DAYS for c in standard(listed(history, "KO", d))}
+    needs = len(DAYS) + len(contracts) + 2 + len({t[2:-15] for t in contracts}) + 1
+    assert code == 0 and f"the reconstruction needs {needs} requests in all (about" in caplog.text
+    assert f"{needs / 300:.0f} minutes at 300 requests/minute" in caplog.text
+    # a year of a 2,000-contract chain at the free tier's 5 a minute: days, said as such
+    assert history_ingest.duration(252 * 3 + 9_000 + 10, 5) == "about 1.4 days at 5 requests/minute"
+    sent = {r.path for r in history.requests}
+    assert sent == {"/v3/reference/options/contracts"}  # the reference pages, nothing else
+    assert count(database, "select count(*) from options_chains") == 0
+    assert count(database, "select count(*) from ingestion_ledger") == 0
+
+
+def test_the_key_goes_in_the_header_to_the_origin_and_into_no_log_line(database, db_url, history, monkeypatch,
+                                                                       capsys) -> None:
+    from loaders.logs import setup_logging
+
+    monkeypatch.setattr(cli, "setup_logging", lambda **_: setup_logging(verbose=True, debug=True))
+    watch(database, ("a", "KO"))
+    code, summary = run(db_url, "--as-of", DAYS[0].isoformat())
+    said = capsys.readouterr()
+    assert code == 0 and "urllib3.connectionpool" in said.err and "/v2/aggs/ticker/O:KO" in said.err
+    assert KEY not in said.err + said.out + repr(summary)
+    assert all(r.headers.get("Authorization") == f"Bearer {KEY}" and "apiKey" not in r.query
+               for r in history.requests)
+    assert KEY not in repr(query(database, "select * from ingestion_ledger"))
+
+
+def test_metrics_over_reconstructed_days_match_the_snapshots_of_those_days(database, db_url, history, pg_server,
+                                                                           template_db, market) -> None:
+    days = DAYS[:3]
+    span = ("--start-date", days[0].isoformat(), "--end-date", days[-1].isoformat())
+    watch(database, *(("a", s) for s in SYMBOLS))
+    assert run(db_url, *span)[0] == 0
+    assert run_metrics(database, *span) == 0
+    rebuilt = documents(database)
+    assert set(rebuilt) == {(s, d) for s in SYMBOLS for d in days}
+    assert all("reconstructed_chain" in doc["diagnostics"] for doc in rebuilt.values())
+    with fresh_database(pg_server, template_db, "kapman_snap") as snapshots:
+        watch(snapshots, *(("a", s) for s in SYMBOLS))
+        assert run(snapshots.url(), *span, "--provider", "simulator")[0] == 0
+        assert run_metrics(snapshots, *span) == 0
+        truth = documents(snapshots)
+    assert not any("reconstructed_chain" in doc["diagnostics"] for doc in truth.values())
+    errors = {(key, metric): abs(rebuilt[key]["metrics"][metric] - doc["metrics"][metric])
+              for key, doc in truth.items() for metric in ("atm_iv_30d", "iv_skew")}
+    print("largest differences:", sorted(errors.items(), key=lambda e: -e[1])[:3])  # the README's figures
+    assert len(errors) == 2 * len(truth) and max(errors.values()) < 0.01

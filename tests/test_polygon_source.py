@@ -84,6 +84,7 @@ def test_every_documented_column_from_the_provider_fields() -> None:
         "quote_updated_at": datetime(2023, 12, 21, 20, 59, 59, tzinfo=UTC),
         "trade_at": datetime(2023, 12, 21, 20, 59, 58, 123456, tzinfo=UTC),
         "day_updated_at": datetime(2023, 12, 21, 21, 0, tzinfo=UTC),
+        "source": "snapshot",
     }
 
 
@@ -98,7 +99,8 @@ def test_every_optional_field_missing_is_null() -> None:
     for row in rows:
         assert (row["option_type"], row["strike_price"]) == ("P", 165.5)
         optional = {k: v for k, v in row.items()
-                    if k not in ("time", "ticker_id", "contract_ticker", "expiration_date", "strike_price", "option_type")}
+                    if k not in ("time", "ticker_id", "contract_ticker", "expiration_date", "strike_price", "option_type",
+                                 "source")}
         assert set(optional.values()) == {None}, optional
 
 

@@ -258,11 +258,10 @@ def test_rows_carry_bar_open_interest_and_identity() -> None:
 def test_columns_have_the_snapshot_pages_types() -> None:
     # reconstruction keeps its own schema (importing the dlt source from it would cycle once the
     # source calls reconstruct_day); this keeps the two from drifting apart.
-    from loaders.polygon.helpers import ARROW_SCHEMA
+    from loaders.polygon import ARROW_SCHEMA
 
     for column in rec.SCHEMA:
-        if column.name != "source":
-            assert ARROW_SCHEMA.field(column.name).type == column.type, column.name
+        assert ARROW_SCHEMA.field(column.name).type == column.type, column.name
 
 
 def test_a_bar_of_another_day_is_refused() -> None:

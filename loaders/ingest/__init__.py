@@ -23,9 +23,10 @@ import psycopg2.extensions
 
 from .. import db as dbmod
 from ..logs import SUMMARY
+from ..polygon import ProviderError, polygon_configuration
 from ..trading_calendar import is_trading_day, latest_trading_date, snapshot_time, trading_days
-from . import flow, pipeline
-from .ledger import Ledger, completed_symbols
+from . import flow, history, pipeline
+from .ledger import Ledger, completed_symbols, snapshot_symbols
 from .outcomes import DayOutcome, IngestError, report, summary
 from .providers import PROVIDERS, open_provider
 
@@ -92,16 +93,38 @@ def _skips_completed(args: argparse.Namespace) -> bool:
 
 def _dry_run(args: argparse.Namespace, database: dbmod.Database, days: list[date], symbols: list[str]) -> None:
     current = latest_trading_date()
+    provider = PROVIDERS[args.provider]
+    rebuilt: dict[date, list[str]] = {}  # the (day, symbols) a reconstruction would fetch
     with database.connect() as conn:
         for day in days:
             snapshot = args.snapshot_time or snapshot_time(day)
-            if PROVIDERS[args.provider].refusal(day, current):
-                log.log(SUMMARY, "dry run: %s would be refused (the live snapshot has no history)", day)
+            refusal = provider.refusal(day, current)
+            if refusal:
+                log.log(SUMMARY, "dry run: %s would be refused: %s", day, refusal)
                 continue
             done = completed_symbols(conn, symbols, snapshot) if _skips_completed(args) else {}
-            log.log(SUMMARY, "dry run: %s snapshot %s: %d symbols to fetch, %d already completed",
-                    day, snapshot.isoformat(), len(symbols) - len(done), len(done))
-    log.log(SUMMARY, "dry run: symbols %s; nothing fetched or written", ", ".join(symbols) or "(none)")
+            if provider.reconstructs(day, current):  # never over a snapshot's rows
+                done |= dict.fromkeys(snapshot_symbols(conn, [s for s in symbols if s not in done], snapshot))
+                rebuilt[day] = [s for s in symbols if s not in done]
+            log.log(SUMMARY, "dry run: %s snapshot %s: %d symbols to fetch%s, %d already completed or kept",
+                    day, snapshot.isoformat(), len(symbols) - len(done),
+                    " (reconstructed)" if provider.reconstructs(day, current) else "", len(done))
+    if any(rebuilt.values()):
+        _estimate(rebuilt)
+    log.log(SUMMARY, "dry run: symbols %s; nothing written%s", ", ".join(symbols) or "(none)",
+            "" if any(rebuilt.values()) else " or fetched")
+
+
+def _estimate(rebuilt: dict[date, list[str]]) -> None:
+    """The requests and time a reconstruction needs (it fetches the reference pages to count)."""
+    config = polygon_configuration()
+    if not config.polygon_api_key:
+        log.warning("dry run: counting a reconstruction's requests fetches the reference pages: set POLYGON_API_KEY")
+        return
+    try:
+        history.estimate(config, rebuilt)
+    except ProviderError as exc:
+        raise IngestError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:

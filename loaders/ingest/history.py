@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any, TypeVar
 
+from ..logs import SUMMARY
 from ..polygon import ChainResult, PolygonConfiguration, RateLimiter, SymbolFetchError, one_line
 from ..polygon.history import HistoryClient, HistoryRefused, bar_session, chain_rows, occ_root
 from ..reconstruction import STANDARD_SHARES, reconstruct_day
@@ -36,10 +37,13 @@ def duration(requests: int, per_minute: float | None) -> str:
     """How long `requests` take at the plan's limit, in words."""
     if per_minute is None:
         return "no client-side request limit set (POLYGON_REQUESTS_PER_MINUTE)"
-    minutes = requests / per_minute
-    text = (f"{minutes / 1440:.1f} days" if minutes >= 2880 else f"{minutes / 60:.1f} hours" if minutes >= 120
+    return f"about {span(requests / per_minute)} at {per_minute:g} requests/minute"
+
+
+def span(minutes: float) -> str:
+    """A duration in minutes, hours or days."""
+    return (f"{minutes / 1440:.1f} days" if minutes >= 1440 else f"{minutes / 60:.1f} hours" if minutes >= 120
             else f"{minutes:.0f} minutes")
-    return f"about {text} at {per_minute:g} requests/minute"
 
 
 def is_standard(contract: Any) -> bool:
@@ -203,8 +207,10 @@ class Backfill:
         start, end = wanted[0], wanted[-1]
         requests = len(tickers) + 2 + len(roots)
         self.progress.plan(requests)
-        log.info("history: %s %s..%s: %d contracts listed, %d more requests (%s)", symbol, start, end, len(tickers),
-                 requests, duration(requests, self.progress.per_minute))
+        per_minute = self.progress.per_minute
+        slow = per_minute is not None and requests / per_minute >= 1440  # a day or more: say so loudly
+        log.log(logging.WARNING if slow else logging.INFO, "history: %s %s..%s: %d contracts listed, %d more "
+                "requests (%s)", symbol, start, end, len(tickers), requests, duration(requests, per_minute))
         history.bars = {d: {} for d in wanted}
         for ticker, bars, error in self._map(lambda t: _attempt(t, self.client.bars, t, start, end, symbol), tickers):
             self._keep_bars(history, ticker, bars, error, listed_on[ticker])
@@ -304,3 +310,41 @@ class ReconstructedChains:
               expirations: Any = None) -> ChainResult:
         """The whole day's chain (reconstructed days are never sliced: Provider.slices)."""
         return self.backfill.fetch(self.day, symbol, ticker_id, snapshot_time)
+
+
+def estimate(config: PolygonConfiguration, todo: Mapping[date, Sequence[str]]) -> int:
+    """`--dry-run`: the requests a reconstruction of `todo` (day -> symbols) needs, logged per
+    symbol and in all with the time they take at the configured limit. It fetches the reference
+    pages (to count the contracts), nothing else.
+
+    Raises:
+        ProviderError: 401, or the origin cannot be reached.
+    """
+    limit = config.request_limit
+    client = HistoryClient(config, 1, RateLimiter(limit) if limit is not None else None)
+    days_of: dict[str, list[date]] = {}
+    for day in sorted(todo):
+        for symbol in todo[day]:
+            days_of.setdefault(symbol, []).append(day)
+    total = 1 if days_of else 0  # the Treasury curves, once per run
+    for symbol, days in days_of.items():
+        tickers: set[str] = set()
+        before = client.requests
+        for day in days:
+            try:
+                tickers |= {c["ticker"] for c in client.contracts(symbol, day) if is_standard(c)}
+            except SymbolFetchError as exc:
+                log.warning("dry run: %s %s: %s (this day would fail)", symbol, day, one_line(str(exc)))
+        pages, roots = client.requests - before, len({occ_root(t) for t in tickers})
+        needs = pages + len(tickers) + 2 + roots
+        log.log(SUMMARY, "dry run: %s %s..%s reconstructed: %d requests (%d reference pages, %d contracts' bars, "
+                "underlying closes, dividends, open interest of %d roots)", symbol, days[0], days[-1], needs,
+                pages, len(tickers), roots)
+        total += needs
+    if total:
+        log.log(SUMMARY, "dry run: the reconstruction needs %d requests in all (%s); the dry run sent %d of them",
+                total, duration(total, limit), client.requests)
+        if limit is not None and total / limit >= 1440:
+            log.warning("at %g requests/minute this backfill takes %s: consider a shorter range, fewer symbols "
+                        "or a plan with a higher limit", limit, span(total / limit))
+    return total
