@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -73,7 +73,8 @@ class Progress:
                 return
             self._logged_at, self._logged_done = now, self.done
             left = max(self.planned - self.done, 0)
-        log.info("history progress: %d requests done, %d left (%s)", self.done, left, duration(left, self.per_minute))
+        log.info("history progress: %d requests done, %d left%s", self.done, left,
+                 f" ({duration(left, self.per_minute)})" if self.per_minute else "")
 
 
 @dataclass
@@ -144,10 +145,7 @@ class Backfill:
         finally:
             self._release(symbol, history, day)
         result.elapsed = time.monotonic() - started
-        if result.ok:
-            result.count()
-        else:
-            result.tables = []
+        result.count()  # tables are set only once the day is rebuilt
         return result
 
     def _reconstruct(self, result: ChainResult, history: _Symbol, day: date, curve: Mapping[str, Any]) -> None:
@@ -182,20 +180,22 @@ class Backfill:
                     self._symbols[symbol] = history
             return history
 
-    def _map(self, work: Callable[[_T], Any], items: Sequence[_T]) -> list[Any]:
-        """work over items on the history pool (a ProviderError ends the run: it propagates)."""
-        return list(self._pool.map(work, items))
+    def _map(self, work: Callable[[_T], Any], items: Sequence[_T]) -> Iterator[Any]:
+        """work over items on the history pool, results in order as they come (a ProviderError
+        ends the run: it propagates)."""
+        return self._pool.map(work, items)
 
     def _fetch_symbol(self, symbol: str, days: list[date]) -> _Symbol:
         """Everything the symbol's days need, one request per contract for the whole range."""
         history = _Symbol(days, left=len(days))
         self.progress.plan(len(days))
         listed_on: dict[str, list[date]] = {}
+        shared: dict[str, Any] = {}
         for day, contracts, error in self._map(lambda d: _attempt(d, self.client.contracts, symbol, d), days):
             if error:
                 history.errors[day] = error
                 continue
-            history.listings[day] = contracts
+            history.listings[day] = contracts = [_shared(shared, c) for c in contracts]
             history.pages[day] = max(1, -(-len(contracts) // 1000))
             for contract in contracts:
                 if is_standard(contract):
@@ -290,6 +290,15 @@ class Backfill:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _shared(seen: dict[str, Any], contract: Any) -> Any:
+    """One copy of a contract listed on many days: a year of listings holds each about 250 times
+    (about 500 MB for a 2,000-contract chain), a contract's fields rarely change."""
+    if not isinstance(contract, dict) or not isinstance(contract.get("ticker"), str):
+        return contract
+    kept = seen.setdefault(contract["ticker"], contract)
+    return kept if kept is contract or kept == contract else contract
 
 
 def _attempt(key: _T, work: Callable[..., Any], *args: Any) -> tuple[_T, Any, str | None]:
