@@ -193,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_demo = sub.add_parser("demo", help="end to end on simulated data and the embedded database")
     p_demo.add_argument("--days", type=_bounded_int(1, 400), default=60, help="trading days (default 60)")
+    p_demo.add_argument("--history", type=_bounded_int(0, 399), nargs="?", const=20, default=0, metavar="N",
+                        help="reconstruct the first N of the days from the simulator's historical endpoints "
+                        "(`ingest --provider polygon`, as for a real backfill) instead of snapshots; "
+                        "--history alone: 20, so that every snapshot day has an IV rank (default 0)")
     p_demo.add_argument("--output", type=Path, default=Path("report"), metavar="DIR")
     return parser
 

@@ -14,7 +14,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from loaders import cli
-from loaders.report import file_stem
+from loaders.report import COLUMNS, RANK_KEYS, file_stem
 from loaders.trading_calendar import snapshot_time, trading_days
 from tests.conftest import query
 
@@ -130,3 +130,93 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path) -> None:
     non_white = (pixels < 0.95).any(axis=-1).mean()
     assert non_white > 0.05, f"the page looks blank ({non_white:.1%} non-white pixels)"
     assert float(np.std(pixels)) > 0.05
+
+
+# --- reconstructed days (issue 14) ------------------------------------------------------------------
+
+AMBER = np.array([0xF2, 0xC1, 0x4E]) / 255  # report_charts.RECONSTRUCTED_SHADE
+RANK_COLUMNS = sum(key in RANK_KEYS for _, key, _, _ in COLUMNS)  # iv_rank, iv_percentile, iv_rank_30d
+
+
+def _reconstructed_doc(symbol: str, day: date, i: int, reconstructed_until: int) -> dict:
+    """_metrics_doc with the diagnostics the metrics give a reconstructed chain, and a rank over a
+    history that holds one."""
+    doc = _metrics_doc(symbol, day, i)
+    if doc["status"] == "SUCCESS":
+        marks = ["reconstructed_chain"] if i < reconstructed_until else []
+        if doc["metrics"]["iv_rank"] is not None:
+            marks.append("history_includes_reconstructed")
+        doc["diagnostics"] = sorted(doc["diagnostics"] + marks)
+    return doc
+
+
+@pytest.fixture
+def reconstructed_dir(database, db_url, tmp_path):
+    """I:SPX: its first 10 of 30 days reconstructed; AAPL: every day, its latest too."""
+    days = trading_days(date(2025, 11, 1), date(2025, 12, 31))[:30]
+    until = {"I:SPX": 10, "AAPL": 30}
+    with database.connect() as conn, conn.cursor() as cur:
+        for symbol in SYMBOLS:
+            cur.execute("insert into tickers (symbol) values (%s) returning id", (symbol,))
+            ticker_id = cur.fetchone()[0]
+            for i, day in enumerate(days):
+                cur.execute(
+                    "insert into daily_snapshots (time, ticker_id, volatility_metrics_json) values (%s, %s, %s)",
+                    (snapshot_time(day), ticker_id, json.dumps(_reconstructed_doc(symbol, day, i, until[symbol]))),
+                )
+    out = tmp_path / "reconstructed"
+    assert cli.main(["report", "--db-url", db_url, "--output", str(out)]) == 0
+    return out, days
+
+
+def _amber_share(png) -> float:
+    pixels = mpimg.imread(png)[..., :3]
+    # The band is the amber at alpha 0.22 over white: a pale amber, whatever the series over it.
+    pale = 1 - 0.22 * (1 - AMBER)
+    return float((np.abs(pixels - pale).max(axis=-1) < 0.02).mean())
+
+
+def test_reconstructed_days_are_marked_in_the_table_the_charts_and_a_legend(reconstructed_dir, database,
+                                                                          tmp_path) -> None:
+    out, days = reconstructed_dir
+    page = (out / "report.html").read_text(encoding="utf-8")
+    body = page.split("<tbody>")[1].split("</tbody>")[0]
+    spx_row, aapl_row = (next(r for r in body.split("<tr")[1:] if f">{s}</a>" in r) for s in SYMBOLS)
+    # AAPL's latest day was reconstructed: an amber row with a tag; I:SPX's was a snapshot.
+    assert aapl_row.startswith(' class="reconstructed"') and ">reconstructed</span>" in aapl_row
+    assert "reconstructed</span>" not in spx_row and not spx_row.startswith(' class="reconstructed"')
+    # Both rank against reconstructed days: every rank and percentile cell carries the mark.
+    for row in (spx_row, aapl_row):
+        assert row.count('<span class="mark"') == RANK_COLUMNS
+    assert "the day&#x27;s chain was reconstructed" in page or "the day's chain was reconstructed" in page
+    assert "a rank or percentile over a history that includes reconstructed days" in page
+    marked = sum("reconstructed_chain" in _reconstructed_doc(s, d, i, n)["diagnostics"]
+                 for s, n in (("I:SPX", 10), ("AAPL", 30)) for i, d in enumerate(days))
+    assert marked == 39  # AAPL's day without options has no chain to reconstruct
+    note = (f"Reconstructed: {marked} symbol-days on 29 trading days ({days[0].isoformat()} to "
+            f"{days[-1].isoformat()})")
+    assert note in page
+    # The charts: an amber band over the reconstructed days, none on a report without any.
+    assert _amber_share(out / "I_SPX.png") > 0.01
+    assert _amber_share(out / "AAPL.png") > 3 * _amber_share(out / "I_SPX.png")
+    # The same rows without the diagnostics: no band, no mark, no note.
+    with database.connect() as conn, conn.cursor() as cur:
+        cur.execute("update daily_snapshots set volatility_metrics_json = volatility_metrics_json"
+                    " || jsonb_build_object('diagnostics', '[]'::jsonb)")
+    plain_dir = tmp_path / "plain"
+    assert cli.main(["report", "--db-url", database.url(), "--output", str(plain_dir)]) == 0
+    assert _amber_share(plain_dir / "I_SPX.png") < 0.001 and _amber_share(plain_dir / "AAPL.png") < 0.001
+    plain = (plain_dir / "report.html").read_text(encoding="utf-8")
+    assert "reconstructed" not in plain.split("</style>")[1] and 'class="mark"' not in plain
+
+
+def test_the_terminal_table_marks_reconstructed_days_and_ranks(reconstructed_dir, database) -> None:
+    from loaders.report import load_history, text_table
+
+    latest = {symbol: snaps[-1] for symbol, snaps in load_history(database).items()}
+    table = text_table(latest)
+    lines = {line.split()[0]: line for line in table.splitlines() if line.split()[:1] and line.split()[0] in SYMBOLS}
+    assert lines["AAPL"].split()[2:4] == [latest["AAPL"].day.isoformat(), "R"]
+    assert latest["I:SPX"].day.isoformat() + " R" not in lines["I:SPX"]
+    assert lines["I:SPX"].count("*") == RANK_COLUMNS and lines["AAPL"].count("*") == RANK_COLUMNS
+    assert "R = the day's chain was reconstructed" in table and "* = ranked against" in table
