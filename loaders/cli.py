@@ -92,15 +92,19 @@ def add_ingest_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=_bounded_int(1, 32), default=4, metavar="N",
         help="symbols fetched in parallel, 1 to 32 (default 4)",
     )
-    parser.add_argument("--force", action="store_true", help="re-fetch what the ledger says is done")
+    parser.add_argument("--force", action="store_true", help="re-fetch what the ledger says is done (a snapshot's rows are never replaced "
+                        "by a reconstruction)")
     parser.add_argument(
         "--provider", choices=("polygon", "simulator"), default="polygon",
-        help="polygon: the live API ($POLYGON_API_KEY, $POLYGON_BASE_URL); simulator: the built-in market "
-        "simulator over loopback HTTP (default polygon)",
+        help="polygon: the live API ($POLYGON_API_KEY, $POLYGON_BASE_URL): the current trading date from its "
+        "snapshot, past dates reconstructed from its historical endpoints; simulator: the built-in market "
+        "simulator over loopback HTTP, any date (default polygon)",
     )
     add_db_argument(parser)
     add_logging_arguments(parser)
-    parser.add_argument("--dry-run", action="store_true", help="resolve dates and symbols, fetch and write nothing")
+    parser.add_argument("--dry-run", action="store_true", help="resolve dates and symbols and say what would run, writing nothing; for past "
+                        "dates it fetches the reference pages only, to count the requests a "
+                        "reconstruction needs and how long they take at the request limit")
 
 
 def validate_ingest_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -158,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_ingest = sub.add_parser(
         "ingest", help="ingest option-chain snapshots for the active watchlists (same as `dlt pipeline run`)",
-        description="Fetch each active watchlist symbol's full option chain and merge it into options_chains.",
+        description="Fetch each active watchlist symbol's full option chain and merge it into options_chains: "
+        "the current trading date from the live snapshot, a past date reconstructed from the provider's "
+        "historical endpoints (rows marked source = 'reconstructed').",
     )
     add_ingest_arguments(p_ingest)
 
