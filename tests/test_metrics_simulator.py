@@ -7,7 +7,7 @@ from datetime import date
 
 from psycopg2.extras import execute_values
 
-from loaders.polygon.helpers import normalise_page
+from loaders.polygon.rows import normalise_page
 from loaders.simulator import Market
 from loaders.trading_calendar import snapshot_time
 from tests.conftest import query

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import pytest
 
 from loaders import db as dbmod
-from loaders.polygon.helpers import normalise_page
+from loaders.polygon.rows import normalise_page
 from tests.conftest import query
 from tests.test_ingest import run, watch
 

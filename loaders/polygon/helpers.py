@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
 from datetime import date, datetime
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import requests
+import urllib3.exceptions
 from dlt.sources.helpers.requests.retry import retry_if_status, wait_exponential_retry_after
 from dlt.sources.helpers.rest_client.auth import BearerTokenAuth
 from requests.adapters import HTTPAdapter
@@ -28,7 +29,6 @@ from ..logs import redact, register_secret
 from . import settings
 from .configuration import PolygonConfiguration
 from .rows import ChainResult, ParsedPage, SymbolFetchError, parse_page
-from .rows import normalise_page as normalise_page  # re-exported: tests/test_metrics_simulator.py
 from .slicing import ExpirationRange, joined
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,6 @@ def _unreachable(exc: requests.ConnectionError) -> bool:
     if isinstance(exc, requests.ConnectTimeout):
         return True
     reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    import urllib3.exceptions
-
     return isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError)
 
 
@@ -240,28 +238,35 @@ class ChainClient:
         return result
 
     def _paginate(self, result: ChainResult, url: str, params: dict[str, Any] | None) -> None:
-        """Every page into `result`, following `next_url` until it is absent (later pages carry
-        only their cursor), only ever on the configured origin, never in a loop."""
-        budget = _Budget(self.config.retry_budget)
-        followed: set[str] = set()
-        while True:
-            page, next_url = self._page(result, url, params, budget)
+        """Every page of the chain into `result`, parsed as it comes."""
+
+        def read(response: requests.Response) -> Any:
+            page, next_url = self._parse(result, response)
             result.pages += 1
             result.tables.append(page.table)
             result.reject_reasons.update(page.rejected)
             result.parse_cpu_s += page.cpu_s
-            if not next_url:  # absent, "" or null all end the chain
+            return next_url
+
+        self._follow(result.symbol, url, params, settings.SNAPSHOT_PATH_PREFIX, read)
+
+    def _follow(self, label: str, url: str, params: dict[str, Any] | None, prefix: str,
+                read: Callable[[requests.Response], Any]) -> None:
+        """Each page to `read`, which returns its `next_url`, followed until it is absent (later
+        pages carry only their cursor), only on the configured origin under `prefix`, never in a loop."""
+        budget = _Budget(self.config.retry_budget)
+        followed: set[str] = set()
+        while True:
+            next_url = read(self._retrying(label, budget)(self._get, url, params))
+            if not next_url:
                 return
-            url, params = pin_next_url(next_url, self.base_url), None
+            url, params = pin_next_url(next_url, self.base_url, prefix), None
             if url in followed or len(followed) >= settings.MAX_PAGES:
                 raise SymbolFetchError("next_url repeats itself: pagination does not end")
             followed.add(url)
 
-    def _page(self, result: ChainResult, url: str, params: dict[str, Any] | None,
-              budget: _Budget) -> tuple[ParsedPage, Any]:
-        """One page, retried on 429, 5xx, timeouts and broken connections (Retry-After honoured,
-        backoff capped), within the request's attempts and the symbol's budget; then parsed."""
-        response = self._retrying(result.symbol, budget)(self._get, url, params)
+    def _parse(self, result: ChainResult, response: requests.Response) -> tuple[ParsedPage, Any]:
+        """The page parsed (in the parser processes, if any) and its next_url."""
         parse_args = (response.content, response.headers.get("Content-Type"), result.ticker_id, result.snapshot_time)
         if self.parser is None:
             return parse_page(*parse_args)
@@ -279,34 +284,28 @@ class ChainClient:
             reraise=True,
         )
 
-    def json_pages(self, label: str, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def json_pages(self, label: str, path: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """Every page of a paged JSON endpoint of the configured origin (the history endpoints),
-        with this client's session, auth, retries and rate limit: `next_url` is followed on the
-        same endpoint only, carrying only its cursor, never in a loop.
+        with this client's session, auth, retries and rate limit, paged as the chains are.
 
         Raises:
             requests.HTTPError: an error answer (after retries); SymbolFetchError: not JSON, or a
             next_url that leaves the endpoint or repeats itself.
         """
-        budget = _Budget(self.config.retry_budget)
-        url, query, prefix = self.base_url + path, params, "/" + path
-        followed: set[str] = set()
-        while True:
-            response = self._retrying(label, budget)(self._get, url, query)
+        prefix, bodies = "/" + path, []
+
+        def read(response: requests.Response) -> Any:
             try:
                 body = response.json()
             except ValueError:
                 raise SymbolFetchError(f"unreadable response from {prefix}: not JSON") from None
             if not isinstance(body, dict):
                 raise SymbolFetchError(f"unreadable response from {prefix}: not an object")
-            yield body
-            next_url = body.get("next_url")
-            if not next_url:
-                return
-            url, query = pin_next_url(next_url, self.base_url, prefix), None
-            if url in followed or len(followed) >= settings.MAX_PAGES:
-                raise SymbolFetchError(f"next_url of {prefix} repeats itself: pagination does not end")
-            followed.add(url)
+            bodies.append(body)
+            return body.get("next_url")
+
+        self._follow(label, self.base_url + path, params, prefix, read)
+        return bodies
 
     def _get(self, url: str, params: dict[str, Any] | None) -> requests.Response:
         """One attempt: waits for its slot of the rate limit, if any."""
@@ -331,14 +330,11 @@ class ChainClient:
 
 
 class ChainSource(Protocol):
-    """What fetches one day's chains (a ChainClient, or another provider's): called from the
-    fetch threads at once."""
+    """What fetches one day's chains (a ChainClient, or another provider's), from several threads
+    at once: the symbol's chain (or one expiration slice); ProviderError when nothing can succeed."""
 
     def fetch(self, symbol: str, ticker_id: str, snapshot_time: datetime,
-              expirations: ExpirationRange | None = None) -> ChainResult:
-        """The symbol's chain (or one expiration slice of it); raises ProviderError when nothing
-        more can succeed."""
-        ...
+              expirations: ExpirationRange | None = None) -> ChainResult: ...
 
 
 class ChainFetcher:
@@ -399,5 +395,3 @@ class ChainFetcher:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
