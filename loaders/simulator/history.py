@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote
 import numpy as np
 
 from ..trading_calendar import NEW_YORK, is_trading_day, trading_days
-from .market import Market, _dumps
+from .market import Market, compact_json
 from .model import INDEXES, KNOWN, RATE, close_time_ns, unit
 
 FAMILIES = ("contracts", "aggregates", "treasury", "dividends", "open_interest")
@@ -104,12 +104,7 @@ def _reference_row(ticker: str, underlying: str, index: bool, shares: int, cash:
                contract_type="call" if o.call else "put", exercise_style="european" if index else "american",
                expiration_date=o.expiration, primary_exchange="CBOE" if index else "BATO",
                shares_per_contract=shares, strike_price=o.strike, ticker=ticker, underlying_ticker=underlying)
-    return _json(row)
-
-
-def _json(obj: dict[str, Any]) -> bytes:
-    # orjson's bytes keep their 4 kB buffer (3.13): copied, a cached bar costs 100 bytes, not 4 kB.
-    return bytes(memoryview(_dumps(obj)))
+    return compact_json(row)
 
 
 def _date_bounds(params: dict[str, str], field: str) -> tuple[date | None, date | None]:
@@ -293,7 +288,7 @@ class History:
             if not symbol.startswith("I:"):
                 volume = int(20_000_000 * (0.5 + u))
                 bar = {"v": volume, "vw": round((high + low + close) / 3, 4), **bar, "n": volume // 150}
-            yield _json(bar)
+            yield compact_json(bar)
 
     def _option_bars(self, symbol: str, lo: date, hi: date) -> dict[str, list[bytes]]:
         """Each contract's daily bars over [lo, hi], built once (a year: 252 chains), then looked up."""
@@ -306,7 +301,7 @@ class History:
                 summary, t = self._day(symbol, day), _midnight_ms(day)
                 for i in np.flatnonzero(~np.isnan(summary.bars[:, 0])).tolist():
                     o, h, low, c, v, vw, n = summary.bars[i].tolist()
-                    index[summary.tickers[i]].append(_json(
+                    index[summary.tickers[i]].append(compact_json(
                         {"v": int(v), "vw": vw, "o": o, "c": c, "h": h, "l": low, "t": t, "n": int(n)}))
             self._ranges[key] = index
             if len(self._ranges) > self._sizes[1]:
@@ -339,7 +334,7 @@ class History:
         lo, hi = _date_bounds(request.params, "date")
         hi = min(hi or date.max, self.today())
         days, following = self._paged(trading_days(max(lo or _EARLIEST, _EARLIEST), hi), request, limit)
-        return [_json({"date": d.isoformat(), **{f"yield_{t}": 100 * math.expm1(RATE) for t in _TENORS}})
+        return [compact_json({"date": d.isoformat(), **{f"yield_{t}": 100 * math.expm1(RATE) for t in _TENORS}})
                 for d in days], following
 
     def _dividends(self, request: HistoryRequest, limit: int) -> tuple[list[bytes], Any]:
@@ -356,7 +351,7 @@ class History:
                 declared = _trading(ex - timedelta(days=28), -1)
                 if declared > today or (lo and ex < lo) or (hi and ex > hi):
                     continue
-                rows.append(_json({
+                rows.append(compact_json({
                     "cash_amount": max(0.01, round(self.market.spot(p.symbol, declared) * p.div_yield / 4, 2)),
                     "currency": "USD", "declaration_date": declared.isoformat(), "dividend_type": "CD",
                     "ex_dividend_date": ex.isoformat(), "frequency": 4,
@@ -387,7 +382,7 @@ class History:
                      if oi is not None and t in listed and (not wanted or t in wanted)
                      and (o := _parse_option(t)) and o.root == params.get("root", o.root)]
             take = found[skip:skip + limit - len(rows)]
-            rows += [_json({"ticker": t, "underlying_ticker": _BARE.get(request.symbol, request.symbol), "root": o.root,
+            rows += [compact_json({"ticker": t, "underlying_ticker": _BARE.get(request.symbol, request.symbol), "root": o.root,
                              "contract_type": "call" if o.call else "put", "expiration_date": o.expiration,
                              "strike_price": o.strike, "open_interest": oi, "date": session.isoformat()})
                      for t, oi, o in take]

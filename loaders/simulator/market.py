@@ -58,6 +58,12 @@ except ImportError:  # pragma: no cover - the same JSON, other float spelling (1
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
+def compact_json(obj: Any) -> bytes:
+    """Compact JSON to keep in a cache. orjson's bytes keep their whole output buffer (orjson 3.13:
+    about 8 kB whatever the length; 100,000 contracts held 784 MB), so the cached copy is exact."""
+    return bytes(memoryview(_dumps(obj)))
+
+
 class Market:
     """The simulated option market. Thread-safe; chains are generated lazily and cached."""
 
@@ -135,7 +141,7 @@ class Market:
             cached = self._cache.get(key)
             if cached is None:
                 day_index(as_of)
-                cached = [_dumps(c) for c in self._contracts(symbol, as_of, plan)]
+                cached = [compact_json(c) for c in self._contracts(symbol, as_of, plan)]
                 self._cache[key] = cached
                 if len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
