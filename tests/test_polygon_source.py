@@ -162,6 +162,17 @@ def test_a_contract_repeated_across_pages_is_kept_once_later_page_wins() -> None
     assert dropped == 2 and [(r["contract_ticker"], r["bid"]) for r in rows] == [("O:AAPL260116C00170000", 2.0)]
 
 
+
+def test_a_chain_without_repeats_loses_only_what_another_symbol_emitted() -> None:
+    table, _ = normalise_page([_contract(), _contract(details__ticker="O:X"), _contract(details__ticker="O:Y")],
+                              "tid", T)
+    taken: set[str] = {"O:Y"}
+    pages, dropped = dedupe_pages([table], taken)
+    assert dropped == 1 and pages[0].column("contract_ticker").to_pylist() == ["O:AAPL260116C00170000", "O:X"]
+    assert taken == {"O:AAPL260116C00170000", "O:X", "O:Y"}
+    pages, dropped = dedupe_pages([table], set())
+    assert dropped == 0 and pages == [table]
+
 # --- origin pinning ---------------------------------------------------------------------------
 
 def test_next_url_stays_on_the_configured_origin() -> None:

@@ -31,9 +31,12 @@ log = logging.getLogger("kapman.ingest")
 LOAD_BATCH_SYMBOLS = 50
 LOAD_ROWS = 250_000
 # ... and waits for fetches until it has this many rows: the first load's few (the database
-# starts early), then twice the previous load's up to the last (a load costs about 0.5 s whatever
-# its size, so loads of what happened to be fetched were many and small).
-LOAD_MIN_ROWS = (10_000, 80_000)
+# starts early), then LOAD_GROWTH times the previous load's up to the last. A load costs about
+# 0.5 s of dlt's Python whatever its size (most of it resolving its configuration again), so
+# loads of what happened to be fetched were many and small; 200,000 contracts take four. Larger
+# loads still would leave a longer load after the last fetch (measured: no faster).
+LOAD_MIN_ROWS = (10_000, 120_000)
+LOAD_GROWTH = 3
 # Fetched rows waiting for a load, at most: no new fetch starts beyond it (memory stays flat).
 BUFFER_ROWS = 150_000
 
@@ -234,7 +237,7 @@ def ingest_days(run: Run, plans: list[DayPlan]) -> None:
         min_rows = LOAD_MIN_ROWS[0]
         while (first := feed.first()) is not None:
             _load(run, feed, first, min_rows, heartbeat)
-            min_rows = min(2 * min_rows, LOAD_MIN_ROWS[1])
+            min_rows = min(LOAD_GROWTH * min_rows, LOAD_MIN_ROWS[1])
         run.ledger.wait()  # every load's rows_written, ledger and lifecycle are written
     finally:
         feed.close()

@@ -143,6 +143,8 @@ def update_lifecycle(cur: psycopg2.extensions.cursor, ticker_ids: Sequence[str],
         " option_type, first_seen_at, last_seen_at, active)"
         " select c.contract_ticker, c.ticker_id, c.expiration_date, c.strike_price, c.option_type,"
         " c.time, c.time, true from options_chains c where c.ticker_id = any(%(tids)s::uuid[]) and c.time = %(t)s"
+        # in key order, new contracts go into the primary key's index page after page
+        " order by c.contract_ticker"
         " on conflict (contract_ticker) do update set"
         " first_seen_at = least(oc.first_seen_at, excluded.first_seen_at),"
         " last_seen_at = greatest(oc.last_seen_at, excluded.last_seen_at),"

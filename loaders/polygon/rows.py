@@ -234,18 +234,24 @@ def dedupe_pages(tables: Sequence[pa.Table], already: set[str] | None = None) ->
         return [], 0
     table = pa.concat_tables(tables)
     tickers = table.column("contract_ticker")
-    # The last row of each ticker, found in Arrow (this runs for every contract fetched).
-    position = pa.table({"ticker": tickers, "row": pa.array(range(table.num_rows), pa.int64())})
-    last = position.group_by("ticker", use_threads=False).aggregate([("row", "max")]).column("row_max")
-    keep = pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=last)
+    unique = pc.unique(tickers)
+    keep: Any = None  # every row, unless a ticker repeats (rare: most chains have none)
+    if len(unique) < table.num_rows:
+        # The last row of each ticker, found in Arrow (this runs for every contract fetched).
+        position = pa.table({"ticker": tickers, "row": pa.array(range(table.num_rows), pa.int64())})
+        last = position.group_by("ticker", use_threads=False).aggregate([("row", "max")]).column("row_max")
+        keep = pc.is_in(pa.array(range(table.num_rows), pa.int64()), value_set=last)
     if already is not None:
         # Checked against this symbol's tickers only: `already` grows with the load, and turning
         # it into an Arrow array for every symbol made the check quadratic in the load's size.
-        unique = pc.unique(tickers).to_pylist()
-        taken = [t for t in unique if t in already]
+        names = unique.to_pylist()
+        taken = [t for t in names if t in already]
         if taken:
-            keep = pc.and_(keep, pc.invert(pc.is_in(tickers, value_set=pa.array(taken, pa.string()))))
-        already.update(unique)
+            fresh = pc.invert(pc.is_in(tickers, value_set=pa.array(taken, pa.string())))
+            keep = fresh if keep is None else pc.and_(keep, fresh)
+        already.update(names)
+    if keep is None:
+        return [table], 0
     kept = table if pc.all(keep).as_py() else table.filter(keep)
     return [kept] if kept.num_rows else [], table.num_rows - kept.num_rows
 
