@@ -8,7 +8,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from importlib import resources
@@ -239,3 +239,23 @@ def keep_embedded_running() -> None:
     """Leave the embedded server up after this process exits (for `kapman env --keep-running`)."""
     if _embedded_server is not None:
         _embedded_server.cleanup_mode = None
+
+
+@contextlib.contextmanager
+def environment(values: Mapping[str, str | None]) -> Iterator[None]:
+    """The process environment with `values` set (None: unset) for the block, restored after: what
+    dbt (the libpq variables) or a child command (the demo's simulator settings) reads."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -14,7 +14,7 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from . import report
-from .db import EMBEDDED_DIR, Database, start_embedded, upgrade
+from .db import EMBEDDED_DIR, Database, environment, start_embedded, upgrade
 from .logs import SUMMARY
 from .trading_calendar import latest_trading_date, snapshot_time, trading_days
 
@@ -66,23 +66,13 @@ def _simulated_polygon() -> Iterator[None]:
 
     seed = int(os.environ.get("KAPMAN_SIMULATOR_SEED", "42"))  # the seed the simulator provider uses
     key = secrets.token_urlsafe(18)
-    saved = {name: os.environ.get(name) for name in _POLYGON_ENV}
     with SimulatorServer(Market(seed), api_key=key) as server:
         log.info("simulator (seed %d) serving SIMULATED history on %s", seed, server.base_url)
-        try:
-            for name in _POLYGON_ENV:
-                os.environ.pop(name, None)
-            for name in _POLYGON_ENV[:2]:
-                os.environ[name] = server.base_url
-            for name in _POLYGON_ENV[2:4]:
-                os.environ[name] = key
+        # Every other polygon setting unset: no request limit, no user's key or origin.
+        settings: dict[str, str | None] = dict.fromkeys(_POLYGON_ENV)
+        settings |= dict.fromkeys(_POLYGON_ENV[:2], server.base_url) | dict.fromkeys(_POLYGON_ENV[2:4], key)
+        with environment(settings):
             yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 def stored_sources(database: Database, dates: list[date]) -> dict[str, tuple[list[date], int]]:

@@ -12,8 +12,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
 from importlib import metadata
@@ -76,7 +74,7 @@ class _Dbt:
                os.environ.get("KAPMAN_DBT_SCHEMA", ""))
         if key not in self.manifests:
             self.errors = []
-            with _environment(database.libpq_env()):
+            with dbmod.environment(database.libpq_env()):
                 parsed = dbtRunner(callbacks=[self._on_event]).invoke(["parse", *self._common()])
             if not parsed.success:
                 raise DbtError(_failure_reason(parsed, self.errors, "dbt parse failed"))
@@ -95,7 +93,7 @@ class _Dbt:
 
         manifest = self.manifest(database)
         self.errors = []
-        with _environment(database.libpq_env()):
+        with dbmod.environment(database.libpq_env()):
             result = dbtRunner(manifest=manifest, callbacks=[self._on_event]).invoke(
                 [*args, *self._common()])
         if not result.success:
@@ -104,20 +102,6 @@ class _Dbt:
 
 
 _dbt = _Dbt()
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _failure_reason(result: Any, events: list[str], default: str) -> str:

@@ -48,9 +48,8 @@ def _metrics_doc(symbol: str, day: date, i: int) -> dict:
     }
 
 
-@pytest.fixture
-def report_dir(database, db_url, tmp_path):
-    """30 trading days of metrics for two tickers, and the report written from them."""
+def _write_documents(database, document) -> list[date]:
+    """30 trading days of `document(symbol, day, i)` per symbol in daily_snapshots; the days."""
     days = trading_days(date(2025, 11, 1), date(2025, 12, 31))[:30]
     with database.connect() as conn, conn.cursor() as cur:
         for symbol in SYMBOLS:
@@ -59,8 +58,17 @@ def report_dir(database, db_url, tmp_path):
             for i, day in enumerate(days):
                 cur.execute(
                     "insert into daily_snapshots (time, ticker_id, volatility_metrics_json) values (%s, %s, %s)",
-                    (snapshot_time(day), ticker_id, json.dumps(_metrics_doc(symbol, day, i))),
+                    (snapshot_time(day), ticker_id, json.dumps(document(symbol, day, i))),
                 )
+    return days
+
+
+@pytest.fixture
+def report_dir(database, db_url, tmp_path):
+    """30 trading days of metrics for two tickers, and the report written from them."""
+    days = _write_documents(database, _metrics_doc)
+    with database.connect() as conn, conn.cursor() as cur:
+        for (ticker_id,) in query(database, "select id from tickers"):
             # A row of another system's, without metrics: not in the report.
             cur.execute("insert into daily_snapshots (time, ticker_id) values (%s, %s)",
                         (snapshot_time(days[-1] + timedelta(days=1)), ticker_id))
@@ -153,17 +161,8 @@ def _reconstructed_doc(symbol: str, day: date, i: int, reconstructed_until: int)
 @pytest.fixture
 def reconstructed_dir(database, db_url, tmp_path):
     """I:SPX: its first 10 of 30 days reconstructed; AAPL: every day, its latest too."""
-    days = trading_days(date(2025, 11, 1), date(2025, 12, 31))[:30]
     until = {"I:SPX": 10, "AAPL": 30}
-    with database.connect() as conn, conn.cursor() as cur:
-        for symbol in SYMBOLS:
-            cur.execute("insert into tickers (symbol) values (%s) returning id", (symbol,))
-            ticker_id = cur.fetchone()[0]
-            for i, day in enumerate(days):
-                cur.execute(
-                    "insert into daily_snapshots (time, ticker_id, volatility_metrics_json) values (%s, %s, %s)",
-                    (snapshot_time(day), ticker_id, json.dumps(_reconstructed_doc(symbol, day, i, until[symbol]))),
-                )
+    days = _write_documents(database, lambda symbol, day, i: _reconstructed_doc(symbol, day, i, until[symbol]))
     out = tmp_path / "reconstructed"
     assert cli.main(["report", "--db-url", db_url, "--output", str(out)]) == 0
     return out, days
