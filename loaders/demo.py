@@ -60,13 +60,13 @@ def _write_watchlist() -> Path:
 
 @contextlib.contextmanager
 def _simulated_polygon() -> Iterator[None]:
-    """The polygon provider's settings pointed at an in-process simulator on loopback that serves
+    """The polygon provider's settings pointed at a simulator (in a child process) on loopback that serves
     the historical endpoints, with a one-off key; the environment is restored afterwards."""
-    from .simulator import Market, SimulatorServer
+    from .simulator.process import SimulatorProcess
 
     seed = int(os.environ.get("KAPMAN_SIMULATOR_SEED", "42"))  # the seed the simulator provider uses
     key = secrets.token_urlsafe(18)
-    with SimulatorServer(Market(seed), api_key=key) as server:
+    with SimulatorProcess(seed, api_key=key) as server:
         log.info("simulator (seed %d) serving SIMULATED history on %s", seed, server.base_url)
         # Every other polygon setting unset: no request limit, no user's key or origin.
         settings: dict[str, str | None] = dict.fromkeys(_POLYGON_ENV)

@@ -1,5 +1,5 @@
 """`kapman ingest` end to end: real PostgreSQL, the simulator over HTTP (as the polygon provider via
-POLYGON_BASE_URL, or in-process with --provider simulator), and the `dlt pipeline run` plugin."""
+POLYGON_BASE_URL, or a child process with --provider simulator), and the `dlt pipeline run` plugin."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from loaders import cli, ingest
 from loaders import db as dbmod
+from loaders.ingest.providers import SimulatedSnapshots
 from loaders.simulator import Fault, Market, SimulatorServer
 from loaders.trading_calendar import TODAY_VARIABLE, latest_trading_date, snapshot_time
 from tests.conftest import FROZEN_TODAY, PROJECT_DIR, query
@@ -300,6 +301,7 @@ def test_a_range_rerun_fetches_nothing_already_completed(database, db_url, monke
             servers.append(self)
 
     monkeypatch.setattr(simulator_package, "SimulatorServer", Counted)
+    monkeypatch.setattr(SimulatedSnapshots, "in_process", True)
     watch(database, ("a", "F"), ("a", "KO"))
     span = ("--provider", "simulator", "--start-date", "2025-06-04", "--end-date", "2025-06-06")
     code, first = run(db_url, *span)

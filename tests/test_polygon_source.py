@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -23,6 +27,7 @@ from loaders.polygon import (
     polygon_configuration,
     polygon_source,
 )
+from loaders.polygon.rows import peek_next_url
 from loaders.simulator import Fault
 
 T = datetime(2025, 6, 2, 23, 59, 59, 999999, tzinfo=UTC)
@@ -308,7 +313,7 @@ def test_source_fetches_in_parallel_and_isolates_a_failing_symbol(simulator, mon
     started = time.monotonic()
     with ChainFetcher(4) as fetcher:
         futures = fetcher.submit(ChainClient(config, DAY), {"F": "f", "KO": "k", "T": "t", "PFE": "p"}, T)
-        chains = (seen.append(result) or result for result in fetcher.completed(futures))
+        chains = (seen.append(f.result()) or f.result() for f in as_completed(futures))
         tables = list(polygon_source(chains).resources["options_chains"])
     elapsed = time.monotonic() - started
     # One after another would take 0.3 s per request; in parallel the longest chain (3 pages of KO)
@@ -347,6 +352,86 @@ def test_redirects_are_refused_never_followed_with_the_key() -> None:
     assert len(seen) == 1 and "secret-key" not in result.error
 
 
+# --- pages parsed in processes while the next one is fetched ----------------------------------------
+
+@pytest.fixture(scope="module")
+def parser() -> Iterator[ProcessPoolExecutor]:
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        yield pool
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"results":[],"status":"OK","next_url":"https://api.polygon.io/v3/x?cursor=YWJj"}',
+     "https://api.polygon.io/v3/x?cursor=YWJj"),
+    (b'{"results":[{"details":{"ticker":"O:A"}}],"next_url":"https://h/a?cursor=1","z":"\\"next_url\\":\\"x"}',
+     "https://h/a?cursor=1"),  # an escaped look-alike inside a string is no key
+    (b'{"results": [], "next_url": "https://h/a?cursor=1"}', None),  # not compact: the parse decides
+    (b'{"results":[],"next_url":"https://h/a?cursor=\\u0031"}', None),  # an escape: the parse decides
+    (b'{"results":[],"status":"OK"}', None),
+    (b'not json at all', None),
+])
+def test_next_url_is_read_off_the_raw_page_only_in_its_compact_form(body: bytes, expected: str | None) -> None:
+    assert peek_next_url(body) == expected
+
+
+def test_with_parser_processes_a_chain_is_the_one_parsed_in_the_fetch_thread(simulator, parser) -> None:
+    config = PolygonConfiguration(polygon_api_key="test-key", polygon_base_url=simulator.base_url, **FAST)
+    in_thread = ChainClient(config, DAY).fetch("KO", "tid", T)
+    pooled = ChainClient(config, DAY, parser=parser).fetch("KO", "tid", T)
+    assert pooled.ok and pooled.pages == in_thread.pages == 3 and pooled.parse_cpu_s > 0
+    assert pa.concat_tables(pooled.tables).equals(pa.concat_tables(in_thread.tables))
+    simulator.clear_requests()
+    simulator.set_fault("KO", Fault(non_json=True, on_pages={2}))
+    broken = ChainClient(config, DAY, parser=parser).fetch("KO", "tid", T)
+    assert not broken.ok and "not JSON" in broken.error and len(simulator.requests) == 2
+
+
+def _serve_pages(pages: list[bytes]) -> tuple[Any, list[str]]:
+    """A server answering the n-th request with pages[n] (the last one after that)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Pages(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.path)
+            body = pages[min(len(seen), len(pages)) - 1].replace(b"BASE", self.server.base.encode())
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    server.base = f"http://127.0.0.1:{server.server_port}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen
+
+
+@pytest.mark.parametrize(("first", "error"), [
+    # bad data on a page whose next_url was already followed: the chain stops at the next page
+    (b'{"results":{"message":"unavailable"},"next_url":"BASE/v3/snapshot/options/KO?cursor=2"}',
+     "no list of results"),
+    # a raw body naming another next_url than its JSON (a nested key after the real one)
+    (b'{"results":[],"next_url":"BASE/v3/snapshot/options/KO?cursor=2","x":{"next_url":"BASE/v3/snapshot/options/KO?cursor=9"}}',
+     "next_url 'http://127.0.0.1"),
+])
+def test_a_page_read_ahead_of_its_parse_still_fails_the_symbol_on_what_the_parse_finds(parser, first: bytes,
+                                                                                          error: str) -> None:
+    server, seen = _serve_pages([first, b'{"results":[],"status":"OK"}'])
+    try:
+        config = PolygonConfiguration(polygon_api_key="k", polygon_base_url=server.base, **FAST)
+        result = ChainClient(config, DAY, parser=parser).fetch("KO", "tid", T)
+    finally:
+        server.shutdown()
+    assert not result.ok and error in result.error and result.tables == []
+    assert len(seen) == 2
+
+
 # --- a large chain as parallel expiration-range slices ---------------------------------------------
 
 def test_expiration_slices_balance_contracts_and_cover_every_date() -> None:
@@ -369,7 +454,7 @@ def test_a_sliced_chain_is_the_whole_chain_fetched_in_parallel(simulator, market
     simulator.set_fault("*", Fault(latency_s=0.02))
     client = _client(simulator.base_url)
     with ChainFetcher(8) as fetcher:
-        [whole] = list(fetcher.completed(fetcher.submit(client, {"I:SPX": "tid"}, T, slices={"I:SPX": slices})))
+        [whole] = [f.result() for f in fetcher.submit(client, {"I:SPX": "tid"}, T, slices={"I:SPX": slices})]
     assert whole.ok and whole.contracts == len(chain) == len(set(tickers(whole)))
     assert sorted(tickers(whole)) == sorted(c["details"]["ticker"] for c in chain)
     assert whole.pages > len(chain) // 250
@@ -387,6 +472,6 @@ def test_a_failing_slice_fails_the_whole_symbol_and_loads_none_of_it(simulator) 
     slices = [(None, date(2025, 7, 1)), (date(2025, 7, 2), None)]
     client = _client(simulator.base_url)
     with ChainFetcher(4) as fetcher:
-        [result] = list(fetcher.completed(fetcher.submit(client, {"I:SPX": "tid"}, T, slices={"I:SPX": slices})))
+        [result] = [f.result() for f in fetcher.submit(client, {"I:SPX": "tid"}, T, slices={"I:SPX": slices})]
     assert not result.ok and "not JSON" in result.error and result.tables == [] and result.contracts == 0
     assert not result.fatal and result.pages > 0

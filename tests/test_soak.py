@@ -12,6 +12,7 @@ import pytest
 
 from loaders import ingest
 from loaders import simulator as simulator_package
+from loaders.ingest.providers import SimulatedSnapshots
 from loaders.simulator import Fault, SimulatorServer
 from loaders.trading_calendar import trading_days
 from tests import test_ingest, test_reliability
@@ -59,6 +60,7 @@ def test_twenty_days_of_random_faults_converge_to_the_fault_free_database(databa
     monkeypatch.setenv("SOURCES__POLYGON__MAX_ATTEMPTS", "3")
 
     monkeypatch.setattr(simulator_package, "SimulatorServer", _ChaoticServer)
+    monkeypatch.setattr(SimulatedSnapshots, "in_process", True)
     passes = []
     choice = random.Random(3)
     while not passes or ledger(database) != {"completed": len(DAYS) * len(SYMBOLS)}:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import multiprocessing
+import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -132,31 +136,14 @@ def run(args: argparse.Namespace) -> int:
     """`kapman ingest` / `dlt pipeline run`; returns the exit code."""
     started_at, started = datetime.now(UTC), time.monotonic()
     days_out: list[DayOutcome] = []
-    error: str | None = None
     cpu = [0.0]  # CPU seconds of the page-parsing processes (see _parser_pool)
     try:
-        database = dbmod.resolve(args.db_url)
-        dbmod.upgrade(database)
-        days = resolve_days(args)
-        with database.connect() as conn:
-            symbols = select_symbols(conn, args.symbols)
-        mode = "range" if args.start_date else "single day"
-        span = f"{days[0]}..{days[-1]}" if len(days) > 1 else (str(days[0]) if days else "(no trading days)")
-        log.log(SUMMARY, "ingest START mode=%s%s as_of=%s days=%d symbols=%d provider=%s concurrency=%d",
-                mode, " (ad-hoc --symbols)" if args.symbols else "", span, len(days), len(symbols),
-                args.provider, args.concurrency)
-        if args.dry_run:
-            _dry_run(args, database, days, symbols)
+        # Before any database connection or thread exists (see _parser_pool).
+        with _parser_pool(0 if args.dry_run else PARSE_PROCESSES) as parser:
+            ran = _run(args, parser, days_out, cpu)
+        if ran is None:  # a dry run
             return EXIT_OK
-        if not symbols and args.symbols:
-            raise IngestError("none of the requested --symbols is on an active watchlist")
-        if not symbols:
-            log.warning("no active watchlist symbols: nothing to ingest (load some with `kapman watchlists load`)")
-        exit_code = _run_days(args, database, days, symbols, days_out, cpu) if days and symbols else EXIT_OK
-        if exit_code:
-            failed = [d for d in days_out if d.outcome == "failed"]
-            error = "every day failed" if len(failed) > 1 else f"{failed[0].day} failed: {failed[0].error}"
-            log.error("%s", error)
+        exit_code, error = ran
     except IngestError as exc:
         error, exit_code = str(exc), EXIT_FAILED
         log.error("%s", exc)
@@ -167,30 +154,78 @@ def run(args: argparse.Namespace) -> int:
     return exit_code
 
 
+def _run(args: argparse.Namespace, parser: ProcessPoolExecutor | None, days_out: list[DayOutcome],
+         cpu: list[float]) -> tuple[int, str | None] | None:
+    """The run after its start: (exit code, error), None for a dry run."""
+    database = dbmod.resolve(args.db_url)
+    dbmod.upgrade(database)
+    days = resolve_days(args)
+    with database.connect() as conn:
+        symbols = select_symbols(conn, args.symbols)
+    mode = "range" if args.start_date else "single day"
+    span = f"{days[0]}..{days[-1]}" if len(days) > 1 else (str(days[0]) if days else "(no trading days)")
+    log.log(SUMMARY, "ingest START mode=%s%s as_of=%s days=%d symbols=%d provider=%s concurrency=%d",
+            mode, " (ad-hoc --symbols)" if args.symbols else "", span, len(days), len(symbols),
+            args.provider, args.concurrency)
+    if args.dry_run:
+        _dry_run(args, database, days, symbols)
+        return None
+    if not symbols and args.symbols:
+        raise IngestError("none of the requested --symbols is on an active watchlist")
+    if not symbols:
+        log.warning("no active watchlist symbols: nothing to ingest (load some with `kapman watchlists load`)")
+    exit_code = _run_days(args, parser, database, days, symbols, days_out, cpu) if days and symbols else EXIT_OK
+    if not exit_code:
+        return exit_code, None
+    failed = [d for d in days_out if d.outcome == "failed"]
+    error = "every day failed" if len(failed) > 1 else f"{failed[0].day} failed: {failed[0].error}"
+    log.error("%s", error)
+    return exit_code, error
+
+
 def _finish(args: argparse.Namespace, days: list[DayOutcome], started_at: datetime, started: float,
             exit_code: int, error: str | None, parse_cpu_s: float) -> None:
     report(args, summary(args, days, started_at, time.monotonic() - started, exit_code, error, parse_cpu_s))
 
 
 @contextlib.contextmanager
-def _parser_pool() -> Iterator[ProcessPoolExecutor | None]:
+def _parser_pool(processes: int) -> Iterator[ProcessPoolExecutor | None]:
     """Processes that parse and normalise the pages (JSON to Arrow, about 10 µs a contract): in the
-    fetch threads that work held the GIL most of the time, starving the loads' Python side. Forked
-    from a forkserver that has imported the source's code, so a worker starts in milliseconds."""
-    if PARSE_PROCESSES < 1:
+    fetch threads that work held the GIL most of the time, starving the loads' Python side.
+
+    Forked, all at once, while this process has no other thread and no connection (a fork then
+    inherits no lock another thread holds, and no socket that would outlive a killed run, such as
+    the connection holding the ingest lock): a forked worker has every module already, where a
+    forkserver first imports the source's code and dlt (about 1 s of CPU, which the run's first
+    pages waited for). Called with other threads running (a test's), a forkserver is the safe way."""
+    if processes < 1:
         yield None
         return
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["loaders.polygon.rows"])
-    pool = ProcessPoolExecutor(PARSE_PROCESSES, mp_context=context)
+    if threading.active_count() == 1:
+        pool = ProcessPoolExecutor(processes, multiprocessing.get_context("fork"), _end_with_parent, (os.getpid(),))
+        pool.submit(int).result()  # forks every worker now (fork: all of them on the first task)
+    else:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["loaders.polygon.rows"])
+        pool = ProcessPoolExecutor(processes, context, _end_with_parent, (0,))  # its parent: the forkserver
     try:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_days(args: argparse.Namespace, database: dbmod.Database, days: list[date], symbols: list[str],
-              days_out: list[DayOutcome], cpu: list[float]) -> int:
+def _end_with_parent(parent: int) -> None:
+    """A parser process ends when the process that started it does, killed or not: an orphan
+    would wait for pages forever (Linux; elsewhere it stays until the machine restarts).
+    `parent`: the pid that forked it, if known (0: a forkserver did)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent and os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _run_days(args: argparse.Namespace, parser: ProcessPoolExecutor | None, database: dbmod.Database,
+              days: list[date], symbols: list[str], days_out: list[DayOutcome], cpu: list[float]) -> int:
     from ..polygon import ChainFetcher
 
     with database.connect(autocommit=True) as lock_conn, dbmod.advisory_lock(lock_conn, "ingest") as got:
@@ -198,8 +233,7 @@ def _run_days(args: argparse.Namespace, database: dbmod.Database, days: list[dat
             raise dbmod.LockHeld(f"another ingestion holds the 'ingest' lock ({_lock_holder(lock_conn)}): "
                                  "nothing written; try again when it has finished")
         try:
-            with (_parser_pool() as parser,
-                  open_provider(args.provider, latest_trading_date(), args.concurrency, parser) as provider,
+            with (open_provider(args.provider, latest_trading_date(), args.concurrency, parser) as provider,
                   database.connect() as work, database.connect() as ledger_conn, Ledger(ledger_conn) as ledger,
                   ChainFetcher(args.concurrency) as fetcher):
                 run_ = flow.Run(args, database, work, provider, ensure_tickers(work, symbols),

@@ -100,7 +100,8 @@ class Ledger:
                 for outcome, ticker_id in group:
                     if outcome.outcome == "ok":
                         outcome.rows_written = written.get(ticker_id, 0)
-                update_lifecycle(cur, [t for o, t in group if o.outcome == "ok"], snapshot)
+            update_lifecycle(cur, [(t, snapshot) for outcome, t, snapshot in outcomes if outcome.outcome == "ok"])
+            for snapshot, group in sorted(by_snapshot.items()):
                 for outcome, _ in group:
                     cur.execute(
                         "update ingestion_ledger set status = %s, pages = %s, contracts = %s, rows_written = %s,"
@@ -127,51 +128,61 @@ def _rows_written(cur: psycopg2.extensions.cursor, ticker_ids: list[str], snapsh
     return dict(cur.fetchall())
 
 
-def update_lifecycle(cur: psycopg2.extensions.cursor, ticker_ids: Sequence[str], snapshot: datetime) -> None:
-    """After successful fetches at `snapshot` of these tickers' chains: the contracts stored under
-    the snapshot are active (reactivated if they had gone), the tickers' other contracts last
-    seen before `snapshot` are deactivated. A snapshot older than what a contract already records
-    (a later sighting or deactivation) changes only its first/last seen times. Nothing is deleted.
-    The same state whatever order the snapshots are stored in. Three statements for any number of
-    tickers (a load's), reading the stored rows by index: per-symbol statements, or the contract
-    tickers sent along, cost more."""
-    if not ticker_ids:
+def update_lifecycle(cur: psycopg2.extensions.cursor, stored: Sequence[tuple[str, datetime]]) -> None:
+    """After successful fetches of (ticker_id, snapshot) chains, one load's: a contract's first
+    and last seen times are the earliest and latest stored snapshots that list it; it is active
+    unless its ticker has a stored snapshot after the last one that listed it, the first of which
+    is its deactivated_at. Nothing is deleted; failed symbols are untouched. The same state
+    whatever order the snapshots are stored in.
+
+    Three statements for the whole load, whatever its days and tickers: each contract is written
+    once however many of the load's days list it (per day, a range rewrote every contract once a
+    day, and deactivated it when a later day of the same load was finished first)."""
+    if not stored:
         return
-    params = {"t": snapshot, "tids": list(ticker_ids)}
+    params = {"tids": [t for t, _ in stored], "times": [s for _, s in stored]}
     cur.execute(
         "insert into option_contracts as oc (contract_ticker, ticker_id, expiration_date, strike_price,"
         " option_type, first_seen_at, last_seen_at, active)"
-        " select c.contract_ticker, c.ticker_id, c.expiration_date, c.strike_price, c.option_type,"
-        " c.time, c.time, true from options_chains c where c.ticker_id = any(%(tids)s::uuid[]) and c.time = %(t)s"
+        " select c.contract_ticker, min(c.ticker_id::text)::uuid, min(c.expiration_date), min(c.strike_price),"
+        " min(c.option_type), min(c.time), max(c.time), true"
+        " from unnest(%(tids)s::uuid[], %(times)s::timestamptz[]) as b (ticker_id, time)"
+        " join options_chains c on c.ticker_id = b.ticker_id and c.time = b.time"
         # in key order, new contracts go into the primary key's index page after page
-        " order by c.contract_ticker"
+        " group by c.contract_ticker order by c.contract_ticker"
         " on conflict (contract_ticker) do update set"
         " first_seen_at = least(oc.first_seen_at, excluded.first_seen_at),"
         " last_seen_at = greatest(oc.last_seen_at, excluded.last_seen_at),"
-        " active = oc.active or %(t)s >= coalesce(oc.deactivated_at, oc.last_seen_at),"
-        " deactivated_at = case when %(t)s >= coalesce(oc.deactivated_at, oc.last_seen_at) then null"
-        " else oc.deactivated_at end"
-        " where not oc.active or %(t)s > oc.last_seen_at or %(t)s < oc.first_seen_at",
+        " active = oc.active or excluded.last_seen_at >= coalesce(oc.deactivated_at, oc.last_seen_at),"
+        " deactivated_at = case when excluded.last_seen_at >= coalesce(oc.deactivated_at, oc.last_seen_at)"
+        " then null else oc.deactivated_at end"
+        " where not oc.active or excluded.last_seen_at > oc.last_seen_at"
+        " or excluded.first_seen_at < oc.first_seen_at",
         params,
     )
-    # A day stored late (retried after a failure, or a backfill) gives the state the days would have
-    # given in order: it is the earlier snapshot that saw a contract gone (deactivated_at moves back
-    # to it), and a contract it saw last is gone from the symbol's next snapshot already stored.
+    # Gone from a stored snapshot: the load's first snapshot of the ticker after the contract's
+    # last sighting, unless an earlier one already says so.
     cur.execute(
-        "update option_contracts set active = false, deactivated_at = %(t)s"
-        " where ticker_id = any(%(tids)s::uuid[]) and last_seen_at < %(t)s"
-        " and (active or deactivated_at > %(t)s)",
+        "with gone as (select oc.contract_ticker, min(b.time) as time"
+        " from unnest(%(tids)s::uuid[], %(times)s::timestamptz[]) as b (ticker_id, time)"
+        " join option_contracts oc on oc.ticker_id = b.ticker_id and oc.last_seen_at < b.time"
+        " and (oc.active or oc.deactivated_at > b.time) group by oc.contract_ticker)"
+        " update option_contracts oc set active = false, deactivated_at = gone.time from gone"
+        " where oc.contract_ticker = gone.contract_ticker and (oc.active or oc.deactivated_at > gone.time)",
         params,
     )
-    # The next stored snapshot of each ticker first (one index probe each, usually none): joined
-    # lateral to option_contracts instead, the planner could run it once per contract (a demo
-    # load stalled for minutes on that plan).
+    # A day stored late (retried after a failure, or a backfill): its last sightings are gone
+    # from the ticker's next snapshot already stored. That snapshot first, one index probe per
+    # (ticker, day) (joined lateral to option_contracts instead, the planner could run it once per
+    # contract: a demo load stalled for minutes on that plan).
     cur.execute(
-        "with later as materialized (select b.ticker_id, n.time from unnest(%(tids)s::uuid[]) as b (ticker_id)"
+        "with later as materialized (select b.ticker_id, b.time, n.time as next"
+        " from unnest(%(tids)s::uuid[], %(times)s::timestamptz[]) as b (ticker_id, time)"
         " cross join lateral (select c.time from options_chains c where c.ticker_id = b.ticker_id"
-        " and c.time > %(t)s order by c.time limit 1) as n)"
-        " update option_contracts oc set active = false, deactivated_at = later.time from later"
-        " where oc.ticker_id = later.ticker_id and oc.last_seen_at = %(t)s",
+        " and c.time > b.time order by c.time limit 1) as n)"
+        " update option_contracts oc set active = false, deactivated_at = later.next from later"
+        " where oc.ticker_id = later.ticker_id and oc.last_seen_at = later.time"
+        " and (oc.active or oc.deactivated_at <> later.next)",
         params,
     )
 

@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from datetime import date
+from typing import Any
 
 from ..polygon import (
     ChainClient,
@@ -110,19 +111,26 @@ class PolygonSnapshots(Provider):
 
 
 class SimulatedSnapshots(Provider):
-    """The built-in market simulator, started in-process on a free loopback port with a one-off
-    key and reached over HTTP like the real API; it serves any day (sent as `date=`)."""
+    """The built-in market simulator, started in a child process (see simulator/process.py) on a
+    free loopback port with a one-off key and reached over HTTP like the real API; it serves any
+    day (sent as `date=`)."""
 
     name = "simulator"
+    # A child process serves (see simulator/process.py); True: this process's threads, for tests
+    # that count the server's requests or give it faults.
+    in_process = False
 
     def __init__(self, config: PolygonConfiguration, current: date, concurrency: int,
                  parser: Executor | None = None) -> None:
-        from ..simulator import Market, SimulatorServer
+        from .. import simulator
+        from ..simulator.process import SimulatorProcess
 
         super().__init__(config, current, concurrency, parser)
         seed = int(os.environ.get("KAPMAN_SIMULATOR_SEED", "42"))
         config.polygon_api_key = secrets.token_urlsafe(18)  # registered as a secret by ChainClient
-        self._server = SimulatorServer(Market(seed), api_key=config.polygon_api_key).__enter__()
+        self._server: Any = (
+            simulator.SimulatorServer(simulator.Market(seed), api_key=config.polygon_api_key).start()
+            if self.in_process else SimulatorProcess(seed, api_key=config.polygon_api_key))
         config.polygon_base_url = self._server.base_url
         log.info("simulator (seed %d) serving SIMULATED chains on %s", seed, self._server.base_url)
 

@@ -1,7 +1,7 @@
 """dlt source for Polygon (Massive) option-chain snapshots: fetched chains as csv load files for options_chains.
 
 The modules: `configuration` (the settings, resolved by dlt), `helpers` (HTTP, paging, retries,
-rate limit, the fetch pool), `rows` (parsing and normalisation into Arrow rows, the dedupe),
+rate limit), `pool` (the fetch pool), `rows` (parsing and normalisation into Arrow rows, the dedupe),
 `slicing` (large chains as parallel expiration-range slices), `settings` (constants).
 """
 
@@ -28,13 +28,12 @@ from . import settings
 from .configuration import PolygonConfiguration, polygon_configuration
 from .helpers import (
     ChainClient,
-    ChainFetcher,
-    ChainSource,
     ProviderError,
     RateLimiter,
     one_line,
     pin_next_url,
 )
+from .pool import ChainFetcher, ChainSource
 from .rows import ARROW_SCHEMA, ChainResult, SymbolFetchError, dedupe_pages, normalise_page
 from .slicing import ExpirationRange, SlicePlanner, expiration_slices
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import requests
@@ -28,8 +28,8 @@ from tenacity.stop import stop_base
 from ..logs import redact, register_secret
 from . import settings
 from .configuration import PolygonConfiguration
-from .rows import ChainResult, ParsedPage, SymbolFetchError, parse_page
-from .slicing import ExpirationRange, joined
+from .rows import ChainResult, ParsedPage, SymbolFetchError, parse_page, peek_next_url
+from .slicing import ExpirationRange
 
 log = logging.getLogger(__name__)
 
@@ -238,17 +238,47 @@ class ChainClient:
         return result
 
     def _paginate(self, result: ChainResult, url: str, params: dict[str, Any] | None) -> None:
-        """Every page of the chain into `result`, parsed as it comes."""
+        """Every page of the chain into `result`. With parser processes, the next page is asked
+        for as soon as its `next_url` is read off the raw body (peek_next_url) while the parser
+        reads this one: waiting for each parse before the next request made a page's round trip
+        about 40% longer (measured: 851 pages at concurrency 4, 7.5 s parsed in turn, 5.3 s
+        overlapped). A page's parse is settled when the next page arrives, so bad data stops the
+        chain one request later at most; its next_url must be the one followed."""
+        pending: list[tuple[Future[tuple[ParsedPage, Any]], str]] = []
 
-        def read(response: requests.Response) -> Any:
-            page, next_url = self._parse(result, response)
+        def add(page: ParsedPage) -> None:
             result.pages += 1
             result.tables.append(page.table)
             result.reject_reasons.update(page.rejected)
             result.parse_cpu_s += page.cpu_s
+
+        def settle() -> None:
+            future, followed = pending.pop()
+            page, next_url = future.result()
+            if next_url != followed:
+                raise SymbolFetchError(f"unreadable response: next_url {next_url!r} in the page, "
+                                       f"{followed!r} in its raw body")
+            add(page)
+
+        def read(response: requests.Response) -> Any:
+            parse_args = (response.content, response.headers.get("Content-Type"), result.ticker_id,
+                          result.snapshot_time)
+            if self.parser is None:
+                page, next_url = parse_page(*parse_args)
+                add(page)
+                return next_url
+            future = self.parser.submit(parse_page, *parse_args)
+            if pending:
+                settle()
+            next_url = peek_next_url(response.content)
+            if next_url is None:  # not in the compact form (or the last page): the parse says
+                next_url = future.result()[1]
+            pending.append((future, next_url))
             return next_url
 
         self._follow(result.symbol, url, params, settings.SNAPSHOT_PATH_PREFIX, read)
+        if pending:
+            settle()
 
     def _follow(self, label: str, url: str, params: dict[str, Any] | None, prefix: str,
                 read: Callable[[requests.Response], Any]) -> None:
@@ -264,13 +294,6 @@ class ChainClient:
             if url in followed or len(followed) >= settings.MAX_PAGES:
                 raise SymbolFetchError("next_url repeats itself: pagination does not end")
             followed.add(url)
-
-    def _parse(self, result: ChainResult, response: requests.Response) -> tuple[ParsedPage, Any]:
-        """The page parsed (in the parser processes, if any) and its next_url."""
-        parse_args = (response.content, response.headers.get("Content-Type"), result.ticker_id, result.snapshot_time)
-        if self.parser is None:
-            return parse_page(*parse_args)
-        return self.parser.submit(parse_page, *parse_args).result()
 
     def _retrying(self, label: str, budget: _Budget) -> Retrying:
         """The retry policy of one request: 429, 5xx, timeouts and broken connections, within the
@@ -327,71 +350,3 @@ class ChainClient:
             return f"HTTP 403 not entitled: {message or 'refused'}"
         retried = " after retries" if status in settings.RETRY_STATUS_CODES else ""
         return f"HTTP {status}{retried}" + (f": {message}" if message else "")
-
-
-class ChainSource(Protocol):
-    """What fetches one day's chains (a ChainClient, or another provider's), from several threads
-    at once: the symbol's chain (or one expiration slice); ProviderError when nothing can succeed."""
-
-    def fetch(self, symbol: str, ticker_id: str, snapshot_time: datetime,
-              expirations: ExpirationRange | None = None) -> ChainResult: ...
-
-
-class ChainFetcher:
-    """A pool of `concurrency` threads fetching chains in submission order. Callers may submit the
-    next batch (or day) before loading the current one: its fetches start as workers free up, so
-    fetching goes on while a load runs.
-
-    On a ProviderError nothing more is started: symbols not yet started come back `fatal`, not
-    attempted, with the cause.
-    """
-
-    def __init__(self, concurrency: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="polygon")
-        self._stop = threading.Event()
-        self.fatal: str | None = None
-
-    def submit(self, client: ChainSource, symbols: Mapping[str, str], snapshot_time: datetime,
-               slices: Mapping[str, Sequence[ExpirationRange]] | None = None) -> list[Future[ChainResult]]:
-        """Queue the symbols' fetches; returns their futures in symbol order. A symbol with
-        `slices` (expiration ranges covering every date, see expiration_slices) is fetched as
-        that many request chains in parallel, one future for all of them (merge_slices)."""
-        futures = []
-        for symbol, ticker_id in symbols.items():
-            parts = list((slices or {}).get(symbol) or [None])
-            pending = [self._pool.submit(self._work, client, symbol, ticker_id, snapshot_time, part)
-                       for part in parts]
-            futures.append(pending[0] if len(pending) == 1 else joined(pending))
-        return futures
-
-    def _work(self, client: ChainSource, symbol: str, ticker_id: str, snapshot_time: datetime,
-              expirations: ExpirationRange | None = None) -> ChainResult:
-        if self._stop.is_set():
-            return ChainResult(symbol, ticker_id, error=f"not fetched: {self.fatal or 'the run stopped'}",
-                               fatal=True, attempted=False)
-        try:
-            return client.fetch(symbol, ticker_id, snapshot_time, expirations)
-        except ProviderError as exc:
-            self.fatal = self.fatal or str(exc)
-            self._stop.set()
-            return ChainResult(symbol, ticker_id, error=str(exc), fatal=True)
-        except Exception as exc:  # a bug or an unexpected library error: this symbol only
-            log.debug("%s: unexpected error", symbol, exc_info=True)
-            return ChainResult(symbol, ticker_id, error=one_line(f"{type(exc).__name__}: {exc}"))
-
-    @staticmethod
-    def completed(futures: Iterable[Future[ChainResult]]) -> Iterator[ChainResult]:
-        """Results in order of completion."""
-        for future in as_completed(list(futures)):
-            yield future.result()
-
-    def close(self) -> None:
-        """Start nothing new; wait for the fetches in flight."""
-        self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> ChainFetcher:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

@@ -284,6 +284,28 @@ def parse_page(content: bytes, content_type: str | None, ticker_id: str,
     return ParsedPage(table, rejected, time.thread_time() - started), body.get("next_url")
 
 
+_NEXT_URL_KEY = b'"next_url":"'
+
+
+def peek_next_url(content: bytes) -> str | None:
+    """The `next_url` of a page read off its raw bytes, without parsing the page; None when it
+    is not there in the compact form the API writes (`"next_url":"..."`, no escapes in the
+    value), and the caller waits for the parse. A string value cannot hide the key: its quotes
+    would be escaped. The caller checks the value against the parsed page's."""
+    at = content.rfind(_NEXT_URL_KEY)
+    if at < 0:
+        return None
+    start = at + len(_NEXT_URL_KEY)
+    end = content.find(b'"', start)
+    value = content[start:end] if end > start else b""
+    if not value or b"\\" in value:
+        return None
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
 @dataclass
 class ChainResult:
     """One symbol's fetch for one snapshot: its Arrow pages and what happened."""
