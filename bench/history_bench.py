@@ -125,7 +125,7 @@ def ingest(provider: str, database: dbmod.Database, days: list[date], args: argp
         raise RuntimeError(f"{provider}: {result['symbols_failed']} (symbol, day)s failed; see {child.log_path}")
     symbols = result["symbols"]
     reconstructed = [s for s in symbols if s.get("with_iv") is not None]
-    run = Ingest(provider, child.wall_s, result["duration_s"], child.cpu_s + result.get("parse_process_cpu_s", 0.0),
+    run = Ingest(provider, child.wall_s, result["duration_s"], child.cpu_s,  # its parser processes included
                  child.peak_rss_mb, len(symbols), sum(s["contracts"] for s in symbols), harness.count_rows(database))
     if reconstructed:
         run.with_iv = sum(s["with_iv"] for s in reconstructed)

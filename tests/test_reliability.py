@@ -17,9 +17,10 @@ from datetime import date, timedelta
 from pathlib import Path
 from urllib.parse import unquote
 
+import psutil
 import pytest
 
-from loaders import cli
+from loaders import cli, ingest
 from loaders import db as dbmod
 from loaders.polygon import ARROW_SCHEMA
 from loaders.simulator import Fault, Market, SimulatorServer
@@ -311,8 +312,12 @@ def test_sigkill_mid_load_then_a_rerun_converges_to_a_clean_runs_rows(database, 
         return any(loading.glob("*/new_jobs")) and ledger(database).get("completed", 0) >= 1
 
     assert wait_for(mid_load, 60), output(tmp_path)
+    parsers = psutil.Process(child.pid).children()  # forked page parsers (the simulator runs here)
+    assert len(parsers) == ingest.PARSE_PROCESSES
     child.send_signal(signal.SIGKILL)
     assert child.wait(10) == -signal.SIGKILL
+    _, orphans = psutil.wait_procs(parsers, timeout=10)
+    assert not orphans  # the parsers die with the run: no process is left waiting for pages
     killed = ledger(database)
     assert killed.get("running", 0) >= 1 and killed.get("completed", 0) < len(SIX)
 

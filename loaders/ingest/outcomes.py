@@ -110,7 +110,7 @@ def summary(args: argparse.Namespace, days: list[DayOutcome], started: datetime,
             for d in days
         ],
         "symbols": [asdict(s) | {"day": s.day.isoformat()} for s in symbols],
-        # the parser processes' CPU, which this process's own CPU time does not include
+        # the parser processes' CPU (forked children: their parent's rusage includes it once they end)
         "parse_process_cpu_s": round(parse_cpu_s, 3),
     }
 
