@@ -198,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="output directory (default ./report)")
 
     p_demo = sub.add_parser("demo", help="end to end on simulated data and the embedded database")
-    p_demo.add_argument("--days", type=_bounded_int(1, 400), default=40,
-                        help="trading days (default 40: the last 20 have an IV rank, ranked against the 20 "
-                        "or more before them)")
+    p_demo.add_argument("--days", type=_bounded_int(1, 400), default=30,
+                        help="trading days (default 30: the last 10 have an IV rank, which needs 20 days of "
+                        "history; --days 60 gives 40)")
     p_demo.add_argument("--history", type=_bounded_int(0, 399), nargs="?", const=20, default=0, metavar="N",
                         help="reconstruct the first N of the days from the simulator's historical endpoints "
                         "(`ingest --provider polygon`, as for a real backfill) instead of snapshots; "
