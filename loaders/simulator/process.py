@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import date
 from multiprocessing.connection import Connection
@@ -18,7 +19,8 @@ from .faults import Fault
 
 def _serve(conn: Connection, seed: int, api_key: str, today: date | None, latency_s: float,
            warm: list[str], cache_size: int) -> None:
-    """Child process: serve until told to stop; answer "cpu" with the CPU seconds since the last."""
+    """Child process: serve until told to stop; answer "cpu" with the CPU seconds since the last,
+    "requests" with the requests served (the last 100,000) by endpoint family."""
     from ..trading_calendar import today as calendar_today
     from .market import Market
     from .server import SimulatorServer
@@ -33,6 +35,9 @@ def _serve(conn: Connection, seed: int, api_key: str, today: date | None, latenc
         started = time.process_time()
         while True:
             message = conn.recv()
+            if message == "requests":
+                conn.send(Counter(server.history.family(r.path) or "snapshot" for r in server.requests))
+                continue
             conn.send(time.process_time() - started)
             started = time.process_time()
             if message == "stop":
@@ -72,6 +77,12 @@ class SimulatorProcess:
         """The server's CPU seconds since it started serving or since the last call."""
         self._conn.send("cpu")
         return float(self._conn.recv())
+
+    def requests_by_family(self) -> Counter[str]:
+        """Requests served so far (the last 100,000) by endpoint family: "snapshot", or a history
+        family (simulator/history.py FAMILIES)."""
+        self._conn.send("requests")
+        return self._conn.recv()
 
     def close(self) -> None:
         with contextlib.suppress(OSError, EOFError):
